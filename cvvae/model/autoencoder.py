@@ -1,0 +1,400 @@
+"""Encoder3D, Decoder3D and the public `CVVAE` model (diffusers ModelMixin/ConfigMixin API).
+
+Shapes for the released SD2.1 model (ch 128, ch_mult [1, 2, 4, 4]) and a 1x3x17x256x256 clip:
+  encoder: 17x256^2 -> down.0 (time+space) 9x128^2 -> down.1 (space) 9x64^2 -> down.2 (time+space)
+           5x32^2 -> mid -> moments 1x8x5x32x32 (mean and logvar of 4 latent channels)
+  decoder: 5x32^2 -> up.3 (time+space) 9x64^2 -> up.2 (space) 9x128^2 -> up.1 (time+space) 17x256^2
+Time is resampled at every other level (encoder levels 0, 2, ...; the decoder mirrors it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from einops import rearrange
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from . import frames
+from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample
+
+# Official attention-type names (config.json) -> the kind of MidAttention they build (None: no attention).
+ENCODER_ATTENTION = {"vanilla": "spatial", "vanilla-xformers": "spatial", "spatial": "spatial", "none": None}
+DECODER_ATTENTION = {
+    **ENCODER_ATTENTION,
+    "spatial-temporal-xformer": "spatial-temporal",
+    "spatial-temporal": "spatial-temporal",
+    "spatial-temporal-residual": "spatial-temporal-residual",
+}
+
+
+def time_levels(num_levels: int) -> list[bool]:
+    """Which encoder levels halve time: every other one, starting at level 0, never the last.
+
+    The decoder's up.i (i >= 1) doubles time exactly when encoder level i-1 halves it.
+    """
+    return [i % 2 == 0 and i < num_levels - 1 for i in range(num_levels)]
+
+
+class _Checkpointed(nn.Module):
+    """Runs children through activation checkpointing when diffusers turned it on (training only)."""
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func: Callable
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, x)
+        return module(x)
+
+
+class Encoder3D(_Checkpointed):
+    """Causal video encoder: (B, 3, T, H, W) -> moments (B, 2*z, 1+(T-1)//4, H/8, W/8)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        widths: list[int],
+        num_res_blocks: int,
+        out_channels: int,
+        attention: str | None,
+        half_3d: bool,
+        space_padding: str,
+        norm_groups: int,
+        norm_eps: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        blk = dict(time_padding="causal", space_padding=space_padding, half_3d=half_3d,
+                   norm_groups=norm_groups, norm_eps=norm_eps, dropout=dropout)
+        self.conv_in = Conv3d(in_channels, widths[0], 3, time_padding="causal", space_padding=space_padding)
+        self.down = nn.ModuleList()
+        c = widths[0]
+        for i, (w, time) in enumerate(zip(widths, time_levels(len(widths)))):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(c if j == 0 else w, w, **blk) for j in range(num_res_blocks))
+            if i < len(widths) - 1:
+                level.downsample = Downsample(w, time=time, space_padding=space_padding)
+            self.down.append(level)
+            c = w
+        self.mid = _mid_block(c, attention, blk)
+        self.norm_out = GroupNorm(norm_groups, c, eps=norm_eps)
+        self.conv_out = Conv3d(c, out_channels, 3, time_padding="causal", space_padding=space_padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = self.run(block, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)  # T -> (T-1)//2 + 1 on time levels; H, W -> H/2, W/2
+        h = _run_mid(self, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder3D(_Checkpointed):
+    """Non-causal video decoder: (B, z, t, h, w) -> (B, 3, 1+4(t-1), 8h, 8w)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        widths: list[int],
+        num_res_blocks: int,
+        out_channels: int,
+        attention: str | None,
+        half_3d: bool,
+        time_padding: str,
+        space_padding: str,
+        norm_groups: int,
+        norm_eps: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        blk = dict(time_padding=time_padding, space_padding=space_padding, half_3d=half_3d,
+                   norm_groups=norm_groups, norm_eps=norm_eps, dropout=dropout)
+        c = widths[-1]
+        self.conv_in = Conv3d(in_channels, c, 3, time_padding=time_padding, space_padding=space_padding)
+        self.mid = _mid_block(c, attention, blk)
+        # `up` is stored in index order 0..L-1 (checkpoint names) and applied from L-1 down to 0.
+        levels: list[nn.Module] = []
+        enc_time = time_levels(len(widths))
+        for i in reversed(range(len(widths))):
+            w = widths[i]
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(c if j == 0 else w, w, **blk) for j in range(num_res_blocks + 1))
+            if i > 0:
+                level.upsample = Upsample(w, time=enc_time[i - 1], space_padding=space_padding)
+            levels.insert(0, level)
+            c = w
+        self.up = nn.ModuleList(levels)
+        self.norm_out = GroupNorm(norm_groups, c, eps=norm_eps)
+        self.conv_out = Conv3d(c, out_channels, 3, time_padding=time_padding, space_padding=space_padding)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = _run_mid(self, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = self.run(block, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)  # T -> 2T-1 on time levels; H, W -> 2H, 2W
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _mid_block(channels: int, attention: str | None, blk: dict) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, **blk)
+    if attention is not None:
+        mid.attn_1 = MidAttention(channels, kind=attention, norm_groups=blk["norm_groups"], norm_eps=blk["norm_eps"])
+    mid.block_2 = ResnetBlock(channels, channels, **blk)
+    return mid
+
+
+def _run_mid(coder: _Checkpointed, h: torch.Tensor) -> torch.Tensor:
+    mid = coder.mid
+    h = coder.run(mid.block_1, h)
+    if hasattr(mid, "attn_1"):
+        h = coder.run(mid.attn_1, h)
+    return coder.run(mid.block_2, h)
+
+
+class DiagonalGaussian(DiagonalGaussianDistribution):
+    """diffusers' posterior, with KL and NLL summed over every non-batch axis (diffusers sums over
+    axes 1-3 only, which is wrong for 5-D video latents)."""
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        if other is None:
+            terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
+        else:
+            terms = (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+        return 0.5 * terms.sum(dim=tuple(range(1, terms.ndim)))
+
+    def nll(self, sample: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+        if self.deterministic:
+            return torch.zeros(sample.shape[0], device=sample.device)
+        dims = tuple(range(1, sample.ndim)) if dims is None else dims
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=dims)
+
+
+class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
+    r"""CV-VAE: a video VAE whose latents are compatible with Stable Diffusion's image VAE.
+
+    Config fields keep the names of the official `config.json` (SD2.1 variant `CVVAEModel`);
+    official SD3-variant configs (`CVVAESD3Model`) are translated on load (see `checkpoints.py`).
+    Fields the official configs do not have: `norm_num_groups`, `norm_eps`, `padding_mode`
+    ("zeros" for SD2.1, "replicate" for SD3), `use_post_quant_conv` (inflated 2D VAEs),
+    `shift_factor` (SD3: 0.0609) and `block_out_channels` (= ch * ch_mult, read by diffusers pipelines).
+
+    Videos are (B, 3, T, H, W) in [-1, 1]; latents are (B, z, 1+(T-1)//4, H/8, W/8), not scaled.
+    4-D inputs are frames, (B*T, C, H, W), and give 4-D outputs (image mode).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ResnetBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_ch: int = 3,
+        z_channels: int = 4,
+        double_z: bool = True,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (),
+        dropout: float = 0.0,
+        use_3d_conv: bool = True,
+        half_3d: bool = True,
+        causal_encoder: bool = True,
+        causal_decoder: bool = False,
+        encoder_attn_type: str = "vanilla-xformers",
+        decoder_attn_type: str = "spatial-temporal-xformer",
+        scaling_factor: float = 0.18215,
+        shift_factor: float | None = None,
+        force_upcast: bool = True,
+        en_de_n_frames_a_time: int | None = 16,
+        time_n_compress: int = 4,
+        spatial_n_compress: int = 8,
+        tile_spatial_size: int | None = 576,
+        tile_overlap_ratio: float = 0.2222,
+        num_video_frames: int | None = None,
+        reshape_z_dim_to_4: bool = False,
+        reshape_x_dim_to_4: bool = False,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        padding_mode: str = "zeros",
+        use_post_quant_conv: bool = False,
+        block_out_channels: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        _validate(locals(), widths)
+        self.register_to_config(block_out_channels=widths)
+        common = dict(widths=widths, num_res_blocks=num_res_blocks, half_3d=half_3d, space_padding=padding_mode,
+                      norm_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout)
+        self.encoder = Encoder3D(in_channels=in_channels, out_channels=z_channels * (2 if double_z else 1),
+                                 attention=ENCODER_ATTENTION[encoder_attn_type], **common)
+        self.decoder = Decoder3D(in_channels=z_channels, out_channels=out_ch, time_padding=padding_mode,
+                                 attention=DECODER_ATTENTION[decoder_attn_type], **common)
+        if use_post_quant_conv:
+            self.post_quant_conv = FrameConv2d(z_channels, z_channels, 1)
+        self.use_slicing = False
+        self.use_tiling = True  # as released: 576 px tiles whenever a frame is larger (see chunking.py)
+        self.chunk_mode = "official"
+
+    # ----------------------------------------------------------------------------------- attributes
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    @property
+    def temporal_compression_ratio(self) -> int:
+        return 2 ** sum(time_levels(len(self.config.ch_mult)))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_channels
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for a clip of `num_frames` frames (17 -> 5)."""
+        return frames.latent_frames(num_frames, self.temporal_compression_ratio)
+
+    def sample_frames(self, num_latents: int) -> int:
+        """Frames decoded from `num_latents` latent frames (5 -> 17)."""
+        return frames.sample_frames(num_latents, self.temporal_compression_ratio)
+
+    # ----------------------------------------------------------------------------------- encode/decode
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        from .chunking import encode_moments
+
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([self._encode(xi) for xi in x.split(1)])
+        return encode_moments(self, x)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        from .chunking import decode_latents
+
+        if self.use_slicing and z.shape[0] > 1:
+            return torch.cat([self._decode(zi) for zi in z.split(1)])
+        if hasattr(self, "post_quant_conv"):
+            z = self.post_quant_conv(z)
+        return decode_latents(self, z)
+
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
+        """Encode a video (B, C, T, H, W) or frames (B*T, C, H, W) in [-1, 1] to a posterior.
+
+        Frames are grouped into clips of `config.num_video_frames` (1 if unset), as the official
+        wrapper does; their latents come back as (B*t, z, h, w).
+        """
+        image_mode = x.ndim == 4
+        if image_mode:
+            x = rearrange(x, "(b t) c h w -> b c t h w", t=self._frames_per_clip(x, self.config.num_video_frames))
+        _check_video(x, self.config.in_channels, "video")
+        moments = self._encode(x)
+        if image_mode or self.config.reshape_z_dim_to_4:
+            moments = rearrange(moments, "b c t h w -> (b t) c h w")
+        posterior = DiagonalGaussian(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    @apply_forward_hook
+    def decode(
+        self, z: torch.Tensor, num_frames: int | None = None, return_dict: bool = True, generator=None
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        """Decode latents (B, z, t, h, w) to a video (B, C, 1+4(t-1), 8h, 8w).
+
+        4-D latents (B*t, z, h, w) are grouped into clips of `num_frames` latent frames (default:
+        the latents of `config.num_video_frames` frames, else 1) and come back as 4-D frames.
+        `generator` is accepted for diffusers pipelines and ignored (decoding is deterministic).
+        """
+        image_mode = z.ndim == 4
+        if image_mode:
+            n = num_frames
+            if n is None and self.config.num_video_frames:
+                n = self.latent_frames(self.config.num_video_frames)
+            z = rearrange(z, "(b t) c h w -> b c t h w", t=self._frames_per_clip(z, n))
+        _check_video(z, self.config.z_channels, "latent")
+        x = self._decode(z)
+        if image_mode or self.config.reshape_x_dim_to_4:
+            x = rearrange(x, "b c t h w -> (b t) c h w")
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        """Encode, take the posterior mode (or a sample), decode."""
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict=return_dict)
+
+    @staticmethod
+    def _frames_per_clip(x: torch.Tensor, n: int | None) -> int:
+        n = n or 1
+        if x.shape[0] % n:
+            raise InputError(f"got {x.shape[0]} frames, which do not split into clips of {n} frames")
+        return n
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "CVVAE":
+        """Load from a folder (config.json + weights), a weights file or a hub id.
+
+        Accepts our own layout and both official layouts (SD2.1 `CVVAEModel`, SD3 `CVVAESD3Model`),
+        safetensors, diffusers .bin and Lightning .ckpt files (read with weights_only=True).
+        Loading is strict: a checkpoint that does not fit raises `CheckpointError`.
+        """
+        from .checkpoints import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
+
+
+def _check_video(x: torch.Tensor, channels: int, what: str) -> None:
+    if x.ndim != 5 or x.shape[1] != channels:
+        raise InputError(f"expected a {what} tensor (B, {channels}, T, H, W), got shape {tuple(x.shape)}")
+
+
+def _validate(cfg: dict, widths: list[int]) -> None:
+    """Reject configs this implementation cannot build exactly, naming the field and the fix."""
+
+    def fail(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if not cfg["use_3d_conv"]:
+        fail("use_3d_conv=False is not supported (no released CV-VAE uses it)")
+    if not cfg["causal_encoder"] or cfg["causal_decoder"]:
+        fail("only causal_encoder=True with causal_decoder=False is supported (the released design)")
+    if cfg["attn_resolutions"]:
+        fail("attn_resolutions must be empty: released CV-VAEs have attention in the mid blocks only")
+    if cfg["encoder_attn_type"] not in ENCODER_ATTENTION:
+        fail(f"encoder_attn_type {cfg['encoder_attn_type']!r} unknown; use one of {sorted(ENCODER_ATTENTION)}")
+    if cfg["decoder_attn_type"] not in DECODER_ATTENTION:
+        fail(f"decoder_attn_type {cfg['decoder_attn_type']!r} unknown; use one of {sorted(DECODER_ATTENTION)}")
+    if cfg["padding_mode"] not in ("zeros", "replicate"):
+        fail(f"padding_mode must be 'zeros' or 'replicate', got {cfg['padding_mode']!r}")
+    if any(w % cfg["norm_num_groups"] for w in widths):
+        fail(f"every width {widths} must be divisible by norm_num_groups={cfg['norm_num_groups']}")
+    if cfg["block_out_channels"] is not None and list(cfg["block_out_channels"]) != widths:
+        fail(f"block_out_channels {list(cfg['block_out_channels'])} disagrees with ch * ch_mult = {widths}")
+    levels = len(widths)
+    if 2 ** (levels - 1) != cfg["spatial_n_compress"]:
+        fail(f"{levels} levels compress space by {2 ** (levels - 1)}, but spatial_n_compress={cfg['spatial_n_compress']}")
+    t = 2 ** sum(time_levels(levels))
+    if t != cfg["time_n_compress"]:
+        fail(f"{levels} levels compress time by {t}, but time_n_compress={cfg['time_n_compress']}")

@@ -1,0 +1,134 @@
+"""Inflate a 2D SD-style image VAE into a CV-VAE that reproduces it exactly on single images.
+
+Rules (each exact for T = 1; the tests check them against diffusers' AutoencoderKL):
+- Encoder 3D convs are causal (the first frame is replicated in front): the 2D kernel goes into the
+  **last** temporal tap, the others are zero. A frame then sees only itself, and with time stride 2
+  output frame i is the 2D conv of frame 2i ("slice" behaviour before any training).
+- Decoder 3D convs pad time with zeros (or replicate): the 2D kernel goes into the **centre** tap.
+- Time-doubling upsamplers (2C output channels, half n -> frame 2t + n): both halves get the
+  centre-tap kernel, i.e. nearest-neighbour upsampling in time.
+- 1x1 shortcuts become 1x1x1; 2D per-frame convs, norms and spatial attention are copied.
+- quant_conv (1x1 on the moments) is folded into encoder.conv_out: W' = Q W, b' = Q b + q.
+- post_quant_conv is kept as a 1x1 per-frame layer (folding it into decoder.conv_in would be wrong
+  at the borders, where zero padding meets the folded bias).
+- The decoder mid block gets a temporal attention *residual* after the spatial one
+  ("spatial-temporal-residual") whose output projection is zero, so it adds exactly nothing.
+- GroupNorm eps and groups are the 2D VAE's (1e-6 and 32 for SD).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .autoencoder import CVVAE, time_levels
+from .checkpoints import read_state_dict, strip_wrappers, to_ldm
+
+
+def _config_2d(vae_2d) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The 2D state dict in LDM names, and what we know of its config."""
+    if isinstance(vae_2d, (str, Path)):
+        path = Path(vae_2d)
+        if path.is_dir():
+            from diffusers import AutoencoderKL
+
+            try:
+                vae_2d = AutoencoderKL.from_pretrained(path)
+            except Exception as e:  # noqa: BLE001 - diffusers raises many types for a bad folder
+                raise CheckpointError(f"{path} is not a diffusers AutoencoderKL folder ({type(e).__name__})") from None
+        else:
+            vae_2d = read_state_dict(path)
+    if isinstance(vae_2d, torch.nn.Module):
+        c = vae_2d.config
+        cfg = dict(norm_num_groups=c.norm_num_groups, scaling_factor=c.scaling_factor,
+                   shift_factor=c.get("shift_factor"), force_upcast=c.get("force_upcast", True),
+                   mid_attention=c.get("mid_block_add_attention", True))
+        return to_ldm(dict(vae_2d.state_dict())), cfg
+    if isinstance(vae_2d, Mapping):
+        sd = to_ldm(strip_wrappers(vae_2d))
+        return sd, dict(mid_attention="encoder.mid.attn_1.q.weight" in sd)
+    raise TypeError(f"cannot inflate a {type(vae_2d).__name__}; pass an AutoencoderKL, a state dict or a path")
+
+
+def inflated_config(sd: Mapping[str, torch.Tensor], **overrides) -> dict[str, Any]:
+    """CV-VAE config for a 2D VAE state dict in LDM names (SD defaults for what keys cannot tell)."""
+    try:
+        widths, i = [], 0
+        while f"encoder.down.{i}.block.0.conv1.weight" in sd:
+            widths.append(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
+            i += 1
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        z = sd["decoder.conv_in.weight"].shape[1]
+        cfg = dict(
+            in_channels=sd["encoder.conv_in.weight"].shape[1],
+            out_ch=sd["decoder.conv_out.weight"].shape[0],
+            z_channels=z,
+            double_z=sd["encoder.conv_out.weight"].shape[0] == 2 * z,
+            ch=ch,
+            ch_mult=[w // ch for w in widths],
+            num_res_blocks=sum(1 for k in sd if k.startswith("encoder.down.0.block.") and k.endswith("conv1.weight")),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"2D VAE weights lack {e.args[0]}: not an SD-style image VAE") from None
+    attention = overrides.pop("mid_attention", True)
+    cfg.update(
+        norm_num_groups=32, norm_eps=1e-6, padding_mode="zeros", half_3d=True,
+        encoder_attn_type="vanilla" if attention else "none",
+        decoder_attn_type="spatial-temporal-residual" if attention else "none",
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+        time_n_compress=2 ** sum(time_levels(len(widths))),
+        spatial_n_compress=2 ** (len(widths) - 1),
+    )
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def _inflate_tensor(name: str, target: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    if src.shape == target.shape:
+        return src
+    if ".upsample." in name and target.ndim == 1 and target.shape[0] % src.shape[0] == 0:  # time-doubling bias
+        return src.repeat(target.shape[0] // src.shape[0])
+    if target.ndim == 5 and src.ndim == 4 and target.shape[2:] == (1, 1, 1):
+        return src[:, :, None]
+    if target.ndim == 5 and src.ndim == 4:
+        out = torch.zeros_like(target, dtype=src.dtype)
+        copies = target.shape[0] // src.shape[0]  # 2 for time-doubling upsamplers
+        if src.shape[1:] != target.shape[1:2] + target.shape[3:] or copies * src.shape[0] != target.shape[0]:
+            raise CheckpointError(f"cannot inflate {name}: 2D {tuple(src.shape)} -> 3D {tuple(target.shape)}")
+        tap = target.shape[2] - 1 if name.startswith("encoder.") else target.shape[2] // 2
+        out[:, :, tap] = src.repeat(copies, 1, 1, 1)
+        return out
+    raise CheckpointError(f"cannot inflate {name}: 2D {tuple(src.shape)} -> {tuple(target.shape)}")
+
+
+def inflate_from_image_vae(vae_2d, **config_overrides) -> CVVAE:
+    """Build a CV-VAE from a 2D image VAE.
+
+    `vae_2d`: a diffusers `AutoencoderKL`, a state dict in diffusers or original LDM names (for
+    example an SD checkpoint's `first_stage_model.*`), or a path to either. Keyword arguments
+    override config fields (e.g. `norm_num_groups` for a non-SD VAE, `scaling_factor`).
+    """
+    sd, known = _config_2d(vae_2d)
+    model = CVVAE(**inflated_config(sd, **{**known, **config_overrides}))
+    sd = dict(sd)
+    if "quant_conv.weight" in sd:
+        q, qb = sd.pop("quant_conv.weight").flatten(1), sd.pop("quant_conv.bias")
+        w, b = sd["encoder.conv_out.weight"], sd["encoder.conv_out.bias"]
+        sd["encoder.conv_out.weight"] = torch.einsum("oa,a...->o...", q, w)
+        sd["encoder.conv_out.bias"] = q @ b + qb
+    new = {}
+    for name, target in model.state_dict().items():
+        if name in sd:
+            new[name] = _inflate_tensor(name, target, sd.pop(name))
+        elif ".attn_1." in name and name.split(".")[-2].endswith("_t"):
+            # temporal attention: default init, but the output projection is zero (adds nothing)
+            new[name] = torch.zeros_like(target) if ".proj_out_t." in name else target
+        else:
+            raise CheckpointError(f"2D VAE has no weight for {name}")
+    if sd:
+        raise CheckpointError(f"2D VAE weights not used by the CV-VAE: {sorted(sd)[:6]}")
+    model.load_state_dict(new, strict=True)
+    return model.eval()

@@ -1,0 +1,234 @@
+"""Building blocks of CV-VAE. Every tensor is (B, C, T, H, W).
+
+The blocks reproduce the official implementation (AILab-CVC/CV-VAE) operation for operation, so
+released checkpoints give the released numbers; module names are the LDM names the official SD2.1
+checkpoint uses (`block`, `nin_shortcut`, `downsample.conv`, `attn_1.q`, ...). Blocks are pure
+functions of their input: temporal chunking, spatial tiling and precision policy live elsewhere.
+
+Padding is explicit because it is what distinguishes the two released variants:
+- time: "causal" (encoder: 2p copies of the first frame in front, nothing behind),
+  "zeros" (SD2.1 decoder) or "replicate" (SD3 decoder and every temporal upsampler);
+- space: "zeros" (SD2.1) or "replicate" (SD3); 2D per-frame convs always pad with zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+TimePadding = Literal["causal", "zeros", "replicate"]
+SpacePadding = Literal["zeros", "replicate"]
+
+
+def pad_frames(x: torch.Tensor, front: int, back: int = 0) -> torch.Tensor:
+    """Replicate the first frame `front` times and the last frame `back` times along T."""
+    parts = [x[:, :, :1]] * front + [x] + [x[:, :, -1:]] * back
+    return torch.cat(parts, dim=2) if len(parts) > 1 else x
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are always computed in float32.
+
+    On a 5-D input the statistics pool over T, H and W of the whole clip (or chunk), exactly as
+    in the official model; reduced-precision statistics over ~10^7 elements drift visibly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (see `GroupNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class Conv3d(nn.Conv3d):
+    """A k x k x k 3D conv with 'same' padding of a chosen kind in time and in space.
+
+    Zero padding is left to the conv kernel itself (no padded copy of the input); replicate
+    and causal padding are materialised before the conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        time_padding: TimePadding,
+        space_padding: SpacePadding,
+    ) -> None:
+        p = kernel_size // 2
+        native = (p if time_padding == "zeros" else 0, *(2 * [p if space_padding == "zeros" else 0]))
+        super().__init__(in_channels, out_channels, kernel_size, padding=native)
+        self.p, self.time_padding, self.space_padding = p, time_padding, space_padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        if p and self.space_padding == "replicate":
+            x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
+        if p and self.time_padding == "causal":
+            x = pad_frames(x, 2 * p)
+        elif p and self.time_padding == "replicate":
+            x = pad_frames(x, p, p)
+        return super().forward(x)
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2D conv applied to every frame independently; its weight stays 4-D, [out, in, k, k].
+
+    Runs as a 3D conv with a (1, k, k) view of the weight, which is the same arithmetic as
+    folding time into the batch but needs no transposed copy of the activations.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.padding[0]
+        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, padding=(0, p, p))
+
+
+class ResnetBlock(nn.Module):
+    """norm1 -> SiLU -> conv1 (3D) -> norm2 -> SiLU -> dropout -> conv2 (2D per frame if half_3d), + shortcut."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        time_padding: TimePadding,
+        space_padding: SpacePadding,
+        half_3d: bool,
+        norm_groups: int,
+        norm_eps: float,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        pad = dict(time_padding=time_padding, space_padding=space_padding)
+        self.norm1 = GroupNorm(norm_groups, in_channels, eps=norm_eps)
+        self.conv1 = Conv3d(in_channels, out_channels, 3, **pad)
+        self.norm2 = GroupNorm(norm_groups, out_channels, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = FrameConv2d(out_channels, out_channels) if half_3d else Conv3d(out_channels, out_channels, 3, **pad)
+        if in_channels != out_channels:
+            self.nin_shortcut = Conv3d(in_channels, out_channels, 1, **pad)  # 1x1x1: no padding at all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv in space, and in time when `time` is set (T -> (T-1)//2 + 1: 17 -> 9 -> 5).
+
+    Time is always padded causally (2 copies of the first frame), so output frame i sees input
+    frames 2i-2 .. 2i. Space is padded as LDM does, (0, 1) zeros on the right and bottom, or
+    symmetric replicate for the SD3 variant.
+    """
+
+    def __init__(self, channels: int, *, time: bool, space_padding: SpacePadding) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
+        self.space_padding = space_padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.space_padding == "zeros":
+            x = F.pad(x, (0, 1, 0, 1, 0, 0))
+        else:
+            x = F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate")
+        return self.conv(pad_frames(x, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest 2x in space, then a 3D conv; with `time`, the conv emits two frames per input frame.
+
+    Time: the conv has 2C outputs; channel half n of frame t becomes frame 2t + n, and the first
+    frame is dropped, so T -> 2T - 1 (5 -> 9 -> 17, 1 -> 1). Time padding is replicate.
+    """
+
+    def __init__(self, channels: int, *, time: bool, space_padding: SpacePadding) -> None:
+        super().__init__()
+        self.time = time
+        out = channels * (2 if time else 1)
+        self.conv = Conv3d(channels, out, 3, time_padding="replicate", space_padding=space_padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        x = self.conv(x)
+        if self.time:
+            x = rearrange(x, "b (n c) t h w -> b c (t n) h w", n=2)[:, :, 1:]
+        return x
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head attention over (N, L, C) tokens, scale 1/sqrt(C), softmax in float32."""
+    dtype = q.dtype
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return out.to(dtype)
+
+
+def _project(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 Conv2d to (N, L, C) tokens as the linear map it is."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
+class MidAttention(nn.Module):
+    """Self-attention of the mid blocks.
+
+    kind:
+    - "spatial": per-frame attention over H*W tokens, x + s (encoder of both variants, SD3 decoder).
+    - "spatial-temporal": the official SD2.1 decoder block: the temporal attention (over T, per
+      pixel) reads the spatial branch s and there is one residual around both: x + t(s).
+    - "spatial-temporal-residual": x + s, then + t(x + s). With proj_out_t zero this is exactly
+      the spatial block, which is how an inflated 2D VAE keeps its image behaviour.
+    Keys: norm, q, k, v, proj_out (1x1 convs), plus norm_t, q_t, k_t, v_t, proj_out_t (Linear).
+    """
+
+    def __init__(self, channels: int, *, kind: str, norm_groups: int, norm_eps: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = GroupNorm(norm_groups, channels, eps=norm_eps)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+        if kind != "spatial":
+            self.norm_t = LayerNorm(channels, eps=1e-5)
+            self.q_t, self.k_t, self.v_t, self.proj_out_t = (nn.Linear(channels, channels) for _ in range(4))
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial branch s, without residual."""
+        B, C, T, H, W = x.shape
+        h = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))  # GroupNorm per frame here
+        h = rearrange(h, "n c h w -> n (h w) c")
+        h = _attention(_project(self.q, h), _project(self.k, h), _project(self.v, h))
+        h = _project(self.proj_out, h)
+        return rearrange(h, "(b t) (h w) c -> b c t h w", b=B, h=H)
+
+    def temporal(self, s: torch.Tensor) -> torch.Tensor:
+        """The temporal branch t(s): full (non-causal) attention over T for every pixel."""
+        B, C, T, H, W = s.shape
+        h = self.norm_t(rearrange(s, "b c t h w -> (b h w) t c"))
+        h = self.proj_out_t(_attention(self.q_t(h), self.k_t(h), self.v_t(h)))
+        return rearrange(h, "(b h w) t c -> b c t h w", b=B, h=H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spatial(x)
+        if self.kind == "spatial":
+            return x + s
+        if self.kind == "spatial-temporal":
+            return x + self.temporal(s)
+        h = x + s
+        return h + self.temporal(h)
