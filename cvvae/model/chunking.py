@@ -8,16 +8,19 @@ Modes (`model.chunk_mode`):
   with `tile_overlap_ratio` (0.2222) overlap, each tile runs through the whole encoder/decoder,
   and the overlaps are blended linearly (blending is in place: a tile blended with its upper
   neighbour is later used, blended, by the tile to its right... exactly as released).
-- "full": the whole clip in one forward.
+- "full": the whole clip in one forward (no temporal rounds, no tiles).
 Tiling follows `model.use_tiling` (enable_tiling / disable_tiling).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
+
+from .frames import padded_frames
+from .layers import pad_frames
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,7 +52,7 @@ def tiled(fn: Fn, x: torch.Tensor, tile_in: int, stride_in: int, overlap_out: in
     if H <= tile_in and W <= tile_in:
         return fn(x)
     grid = [
-        [fn(x[..., i : i + tile_in, j : j + tile_in]) for j in origins(W, tile_in, stride_in)]
+        [fn(x[..., i : i + tile_in, j : j + tile_in].contiguous()) for j in origins(W, tile_in, stride_in)]
         for i in origins(H, tile_in, stride_in)
     ]
     rows = []
@@ -66,14 +69,41 @@ def tiled(fn: Fn, x: torch.Tensor, tile_in: int, stride_in: int, overlap_out: in
     return torch.cat(rows, dim=-2)
 
 
+def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None = None) -> Iterator[torch.Tensor]:
+    """Group a stream of clip pieces (B, C, n, H, W) into windows of `step` + 1 frames along T that
+    share one boundary frame ([0, step+1), [step, 2*step+1), ...); the last window may be shorter.
+
+    `step=None` gives one window holding everything. With `pad_to=t` the last window is padded by
+    repeating its last frame up to 1 + t*k frames. One piece in, no copies: windows are views.
+    """
+    buf: torch.Tensor | None = None
+    emitted = False
+    for piece in pieces:
+        buf = piece if buf is None else torch.cat([buf, piece], dim=2)
+        while step and buf.shape[2] >= step + 1:
+            yield buf[:, :, : step + 1].contiguous()  # views along T are strided: conv kernels slow down
+            emitted = True
+            buf = buf[:, :, step:]
+    if buf is None:
+        return
+    if buf.shape[2] > 1 or not emitted:
+        if pad_to and (buf.shape[2] - 1) % pad_to:
+            buf = pad_frames(buf, 0, padded_frames(buf.shape[2], pad_to) - buf.shape[2])
+        yield buf
+
+
+def run_windows(fn: Fn, wins: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """fn over each window; every window after the first drops its first output frame (the
+    boundary frame or latent it shares with the window before)."""
+    for n, w in enumerate(wins):
+        out = fn(w)
+        yield out if n == 0 else out[:, :, 1:]
+
+
 def chunked(fn: Fn, x: torch.Tensor, step: int | None) -> torch.Tensor:
-    """Run `fn` over windows [n*step, n*step + step + 1) along T; later windows drop their first output."""
-    T = x.shape[2]
-    if not step or T <= step + 1:
-        return fn(x)
-    rounds = -(-(T - 1) // step)
-    outs = [fn(x[:, :, n * step : n * step + step + 1]) for n in range(rounds)]
-    return torch.cat([outs[0]] + [o[:, :, 1:] for o in outs[1:]], dim=2)
+    """Run `fn` over windows [n*step, n*step + step + 1) of x along T and join the outputs."""
+    outs = list(run_windows(fn, windows([x], step)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def tile_grid(model) -> tuple[int, int, int] | None:
@@ -84,33 +114,47 @@ def tile_grid(model) -> tuple[int, int, int] | None:
     i.e. 576 px tiles at a 448 px stride with a 128 px blend, exactly the released numbers.
     """
     cfg = model.config
-    if not (model.use_tiling and cfg.tile_spatial_size):
+    if model.chunk_mode == "full" or not (model.use_tiling and cfg.tile_spatial_size):
         return None
     s = model.spatial_compression_ratio
     lt = cfg.tile_spatial_size // s
     return lt, round(lt * cfg.tile_overlap_ratio), s
 
 
-def encode_moments(model, x: torch.Tensor) -> torch.Tensor:
-    """Moments (B, 2z, t, h, w) of a video (B, C, T, H, W) under the model's chunk mode."""
-    if model.chunk_mode == "full":
-        return model.encoder(x)
-    fn: Fn = model.encoder
+def encoder_fn(model) -> Fn:
+    """The encoder, wrapped in spatial tiling when it is on."""
     if grid := tile_grid(model):
         lt, lo, s = grid
-        fn = functools.partial(tiled, model.encoder, tile_in=lt * s, stride_in=(lt - lo) * s,
-                               overlap_out=lo, limit_out=lt - lo)
-    return chunked(fn, x, model.config.en_de_n_frames_a_time)
+        return functools.partial(tiled, model.encoder, tile_in=lt * s, stride_in=(lt - lo) * s,
+                                 overlap_out=lo, limit_out=lt - lo)
+    return model.encoder
+
+
+def decoder_fn(model) -> Fn:
+    """The decoder, wrapped in spatial tiling when it is on."""
+    if grid := tile_grid(model):
+        lt, lo, s = grid
+        return functools.partial(tiled, model.decoder, tile_in=lt, stride_in=lt - lo,
+                                 overlap_out=lo * s, limit_out=(lt - lo) * s)
+    return model.decoder
+
+
+def encode_step(model) -> int | None:
+    """Frames per encode round (16), or None for one round ("full" mode)."""
+    return None if model.chunk_mode == "full" else model.config.en_de_n_frames_a_time
+
+
+def decode_step(model) -> int | None:
+    """Latents per decode round (16 / 4 = 4), or None for one round."""
+    step = encode_step(model)
+    return step // model.temporal_compression_ratio if step else None
+
+
+def encode_moments(model, x: torch.Tensor) -> torch.Tensor:
+    """Moments (B, 2z, t, h, w) of a video (B, C, T, H, W) under the model's chunk mode."""
+    return chunked(encoder_fn(model), x, encode_step(model))
 
 
 def decode_latents(model, z: torch.Tensor) -> torch.Tensor:
     """Video (B, C, T, H, W) decoded from latents (B, z, t, h, w) under the model's chunk mode."""
-    if model.chunk_mode == "full":
-        return model.decoder(z)
-    fn: Fn = model.decoder
-    if grid := tile_grid(model):
-        lt, lo, s = grid
-        fn = functools.partial(tiled, model.decoder, tile_in=lt, stride_in=lt - lo,
-                               overlap_out=lo * s, limit_out=(lt - lo) * s)
-    step = model.config.en_de_n_frames_a_time
-    return chunked(fn, z, step // model.temporal_compression_ratio if step else None)
+    return chunked(decoder_fn(model), z, decode_step(model))

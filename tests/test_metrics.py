@@ -1,0 +1,30 @@
+"""Metric definitions against known values and scikit-image."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cvvae.eval.metrics import PSNR_CAP, psnr, ssim
+
+
+def test_psnr_known_values():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
+    assert torch.all(psnr(x, x) == PSNR_CAP)
+    shifted = x + 0.1  # uniform shift: MSE = 0.01 exactly -> 20 dB
+    torch.testing.assert_close(psnr(x, shifted), torch.full((2,), 20.0))
+    assert psnr(x, x + 1 / 255).sub(20 * math.log10(255)).abs().max() < 1e-3
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 48, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    ref = metrics.structural_similarity(x[0].permute(1, 2, 0).numpy(), y[0].permute(1, 2, 0).numpy(),
+                                        channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1.0)
+    assert abs(ssim(x, y).item() - ref) < 1e-5
+    assert ssim(x, x).item() == pytest.approx(1.0)
+    assert np.isfinite(ssim(torch.zeros(1, 3, 11, 11), torch.zeros(1, 3, 11, 11)).item())
