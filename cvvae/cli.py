@@ -298,6 +298,16 @@ def cmd_info(args) -> None:
                       else f"{k.replace('_', ' '):>22}: {v}" for k, v in s.items()])
 
 
+def cmd_train(args) -> None:
+    from .train.trainer import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, resume=args.resume, quiet=args.quiet)
+    done = final.name == "final"
+    _report(args, dict(output=str(final), finished=done),
+            [f"final weights: {final}" if done else f"stopped at {final} (continue with --resume)"])
+
+
 # ------------------------------------------------------------------------------------------ parser
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the uninformative None/False ones."""
@@ -376,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subfolder", help="subfolder of the input")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", parents=[common], formatter_class=fmt,
+                       help="train a CV-VAE (latent regularisation, LPIPS, 3D GAN); torchrun for many processes",
+                       description="Train with a YAML config (see configs/) and dotted key=value overrides, e.g. "
+                       "`cvvae train configs/tiny.yaml steps=100 loss.mapping=slice`. Under torchrun every process "
+                       "trains on its own share of the data (`torchrun --nproc_per_node N --no-python cvvae train ...`).")
+    p.add_argument("config", type=Path, help="YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for sections)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", parents=[common], formatter_class=fmt,
                        help="variant, channels, parameter count, dtype, compression ratios")

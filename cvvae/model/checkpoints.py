@@ -175,9 +175,8 @@ def _from_sd3_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, **translated}
 
 
-def infer_config(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
-    """A config for bare weights (no config.json): shapes from the tensors, the rest from the
-    released variant the layout belongs to (diffusers layout -> SD3, LDM layout -> SD2.1)."""
+def shape_config(sd: dict[str, torch.Tensor], what: str = "a CV-VAE checkpoint") -> dict[str, Any]:
+    """The config fields that the tensor shapes of an LDM-named state dict (2D or 3D) determine."""
     try:
         widths, i = [], 0
         while f"encoder.down.{i}.block.0.conv1.weight" in sd:
@@ -185,26 +184,30 @@ def infer_config(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
             i += 1
         ch = sd["encoder.conv_in.weight"].shape[0]
         z = sd["decoder.conv_in.weight"].shape[1]
-        n_blocks = sum(1 for k in sd if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))
-        cfg: dict[str, Any] = dict(
+        return dict(
             in_channels=sd["encoder.conv_in.weight"].shape[1],
             out_ch=sd["decoder.conv_out.weight"].shape[0],
             z_channels=z,
             double_z=sd["encoder.conv_out.weight"].shape[0] == 2 * z,
             ch=ch,
             ch_mult=[w // ch for w in widths],
-            num_res_blocks=n_blocks,
-            half_3d=sd["encoder.down.0.block.0.conv2.weight"].ndim == 4,
+            num_res_blocks=sum(1 for k in sd if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k)),
             use_post_quant_conv="post_quant_conv.weight" in sd,
             time_n_compress=2 ** sum(time_levels(len(widths))),
             spatial_n_compress=2 ** (len(widths) - 1),
         )
     except KeyError as e:
-        raise CheckpointError(f"weights lack {e.args[0]}: not a CV-VAE checkpoint") from None
-    has = lambda k: k in sd  # noqa: E731
-    cfg["encoder_attn_type"] = "vanilla" if has("encoder.mid.attn_1.q.weight") else "none"
-    cfg["decoder_attn_type"] = ("spatial-temporal-xformer" if has("decoder.mid.attn_1.q_t.weight")
-                                else "vanilla" if has("decoder.mid.attn_1.q.weight") else "none")
+        raise CheckpointError(f"weights lack {e.args[0]}: not {what}") from None
+
+
+def infer_config(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
+    """A config for bare weights (no config.json): shapes from the tensors, the rest from the
+    released variant the layout belongs to (diffusers layout -> SD3, LDM layout -> SD2.1)."""
+    cfg = shape_config(sd)
+    cfg["half_3d"] = sd["encoder.down.0.block.0.conv2.weight"].ndim == 4
+    cfg["encoder_attn_type"] = "vanilla" if "encoder.mid.attn_1.q.weight" in sd else "none"
+    cfg["decoder_attn_type"] = ("spatial-temporal-xformer" if "decoder.mid.attn_1.q_t.weight" in sd
+                                else "vanilla" if "decoder.mid.attn_1.q.weight" in sd else "none")
     if layout == "diffusers":
         cfg.update(norm_eps=1e-6, padding_mode="replicate", scaling_factor=SD3_SCALING, shift_factor=SD3_SHIFT)
     return cfg

