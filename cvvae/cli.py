@@ -281,9 +281,8 @@ def cmd_convert(args) -> None:
     from .codec import DTYPES
     from .model import CVVAE
 
-    model = CVVAE.from_pretrained(args.input, subfolder=args.subfolder)
-    if args.dtype:
-        model.to(DTYPES[args.dtype])
+    model = CVVAE.from_pretrained(args.input, subfolder=args.subfolder,
+                                  torch_dtype=DTYPES[args.dtype] if args.dtype else None)
     _save_model_dir(model, args.output)
     _report(args, dict(output=str(args.output), **_model_summary(model)),
             [f"{args.output}: config.json + diffusion_pytorch_model.safetensors ({_model_summary(model)['variant']})"])

@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from . import frames
-from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample
+from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, silu
 
 # Official attention-type names (config.json) -> the kind of MidAttention they build (None: no attention).
 ENCODER_ATTENTION = {"vanilla": "spatial", "vanilla-xformers": "spatial", "spatial": "spatial", "none": None}
@@ -98,7 +97,7 @@ class Encoder3D(_Checkpointed):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)  # T -> (T-1)//2 + 1 on time levels; H, W -> H/2, W/2
         h = _run_mid(self, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder3D(_Checkpointed):
@@ -147,7 +146,7 @@ class Decoder3D(_Checkpointed):
                 h = self.run(block, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # T -> 2T-1 on time levels; H, W -> 2H, 2W
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 def _mid_block(channels: int, attention: str | None, blk: dict) -> nn.Module:

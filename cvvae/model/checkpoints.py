@@ -268,5 +268,6 @@ def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, conf
     load_weights(model, sd)
     model.eval()
     if torch_dtype is not None:
-        model.to(torch_dtype)
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
+        torch.nn.Module.to(model, torch_dtype)
     return model
