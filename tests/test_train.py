@@ -123,3 +123,26 @@ def test_two_process_torchrun(tmp_path, clips):
     sums = json.loads((tmp_path / "run" / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_webdataset_shards(tmp_path, clips):
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, name in (("a", "bikes.mp4"), ("b", "carphone_pristine.mp4")):
+            for suffix, data in (("mp4", (clips / name).read_bytes()), ("txt", f"clip {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"data.videos={tmp_path}/shard-*.tar",
+                             f"data.images={clips}", *TINY, "steps=3", "loss.disc_start=100", "ema_decay=0.5"])
+    final = train(cfg, quiet=True)
+    assert len(metrics(tmp_path / "run")) == 3 and (final / "config.json").is_file()
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "model.safetensors"))
+    ema = CVVAE.from_pretrained(final).state_dict()
+    key = "encoder.conv_in.weight"
+    assert not torch.equal(raw[f"model.{key}"], ema[key])  # the final weights are the EMA ones

@@ -204,12 +204,16 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _unique(name: str, taken: set[str], sep: str = "#") -> str:
+    out, n = name, 2
+    while out in taken:
+        out, n = f"{name}{sep}{n}", n + 1
+    taken.add(out)
+    return out
+
+
 def _name_of(path: str, taken: set[str]) -> str:
-    name, n = Path(path).name, 2
-    while name in taken:
-        name, n = f"{Path(path).name}#{n}", n + 1
-    taken.add(name)
-    return name
+    return _unique(Path(path).name, taken)
 
 
 def chunk_boundaries(model: CVVAE, frames: int) -> list[int]:
@@ -641,7 +645,7 @@ def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         used: set[str] = set()
         for name, s in metrics.get("strips", {}).items():
             if isinstance(s.get("image"), np.ndarray):
-                file = f"strips/{_name_of(_file_name(name) + '.png', used)}"
+                file = f"strips/{_unique(_file_name(name), used, '-')}.png"
                 (tmp / "strips").mkdir(exist_ok=True)
                 matplotlib.image.imsave(tmp / file, s["image"])
                 strip_files[name] = file
@@ -756,8 +760,8 @@ def run(args: argparse.Namespace) -> None:
     weights, taken = [], set()
     for k, (w, s) in enumerate(zip(args.weights, subs)):
         model = CVVAE.from_pretrained(w, subfolder=s).to(device).requires_grad_(False).eval()
-        label = args.name[k] if args.name else f"{w}/{s}" if s else str(w)
-        weights.append((_name_of(label, taken) if not args.name else label, model))
+        label = args.name[k] if args.name else f"{Path(w).name}/{s}" if s else Path(w).name or str(w)
+        weights.append((_unique(label, taken), model))
     image_vae = _load_image_vae(args.image_vae, device) if args.image_vae else None
     lpips = _load_lpips(args.lpips_vgg16, device)
     metrics = evaluate(weights, args.videos, args.images, frames=args.frames, stride=args.stride, size=args.size,

@@ -32,7 +32,7 @@ from .losses import CVVAELoss, LossConfig
 # ------------------------------------------------------------------------------------------ config
 @dataclass
 class DataConfig:
-    videos: str | None = None  # folder, CSV/JSONL manifest, or webdataset shards of videos
+    videos: str | None = None  # folder, CSV/JSONL manifest, or webdataset shards ("data/shard-*.tar")
     images: str | None = None  # folder or manifest of images (trained as 1-frame videos)
     frames: int = 17
     stride: tuple[int, int] = (1, 8)
@@ -246,8 +246,40 @@ class StepBatches(torch.utils.data.Dataset):
         return batch
 
 
+def _is_shards(source: str | None) -> bool:
+    return bool(source) and str(source).endswith(".tar")
+
+
+def _shard_batches(cfg: TrainConfig, start: int) -> Iterator[dict]:
+    """Batches streamed from webdataset shards (plus folders/manifests for the other kind).
+
+    Shards cannot be read at random, so here a resumed run draws a fresh, seeded order
+    (seed + step) instead of replaying the interrupted one; folders and manifests resume exactly.
+    """
+    from ..data import ClipDataset, ClipSpec, MixedLoader, ShardClipDataset, list_items
+
+    d = cfg.data
+    seed = cfg.seed + 1_000_003 * start
+    specs = {"videos": ClipSpec(frames=d.frames, stride=tuple(d.stride), short_side=d.short_side, crop=d.crop),
+             "images": ClipSpec(frames=1, stride=1, short_side=d.short_side, crop=d.crop)}
+    sources = {}
+    for name, source in (("videos", d.videos), ("images", d.images)):
+        if _is_shards(source):
+            sources[name] = ShardClipDataset(source, specs[name], seed=seed, shuffle_buffer=256)
+        elif source:
+            items = list_items(os.path.expanduser(source), kind=name[:-1])
+            sources[name] = ClipDataset(items, specs[name], seed=seed)
+    weights = {"images": d.image_ratio, "videos": 1 - d.image_ratio}
+    loader = MixedLoader(sources, {k: weights[k] for k in sources},
+                         {"images": d.image_batch, "videos": d.video_batch}, seed=seed, num_workers=d.num_workers)
+    for batch in loader:
+        yield {**batch, "skipped": 0}  # shard skips are counted by the datasets (loader.stats())
+
+
 def batches(cfg: TrainConfig, rank: int, start: int) -> Iterator[dict]:
     """Training batches from `start` to `cfg.steps`, decoded by DataLoader workers."""
+    if _is_shards(cfg.data.videos) or _is_shards(cfg.data.images):
+        return _shard_batches(cfg, start)
     data = StepBatches(cfg.data, cfg.seed, rank)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, cfg.steps), num_workers=workers,
