@@ -27,6 +27,9 @@ EXAMPLES = """examples:
   cvvae inflate --from stable-diffusion-2-1/vae -o cvvae-inflated
   cvvae convert CV-VAE/vae3d_sd3 -o cvvae-sd3
   cvvae info CV-VAE/vae3d
+  cvvae encode-dataset clips.csv -o latents/ --weights CV-VAE --subfolder vae3d --frames 17 --size 256
+  cvvae train configs/tiny.yaml steps=100
+  cvvae eval --weights CV-VAE --subfolder vae3d --videos webvid_val.csv --image-vae sd21/vae -o report/
 """
 
 
@@ -312,7 +315,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the uninformative None/False ones."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "%(default)" in (action.help or ""):
+        if action.default is None or action.default is False or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -385,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subfolder", help="subfolder of the input")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype")
     p.set_defaults(func=cmd_convert)
+
+    from .data import latents
+    from .eval import report
+
+    latents.add_parser(sub, [common, model])
+    report.add_parser(sub, [common])
 
     p = sub.add_parser("train", parents=[common], formatter_class=fmt,
                        help="train a CV-VAE (latent regularisation, LPIPS, 3D GAN); torchrun for many processes",

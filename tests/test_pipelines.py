@@ -48,8 +48,18 @@ from cvvae.pipelines import (
 
 from .conftest import TINY_SD3, randomise_, tiny_model
 
-SIZE = 64  # pixels; 8x8 latents
+SIZE = 64  # pixels: 8x8 latents
 STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these ops are tiny, and on a busy 2-core machine two OpenMP threads wait
+    on each other (a 32x32 linear took 60x longer with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def seed(n: int = 0) -> torch.Generator:
@@ -92,9 +102,10 @@ def image_vae() -> AutoencoderKL:
                                     layers_per_block=1)).eval()
 
 
-def sd_pipeline(vae, cls=StableDiffusionPipeline):
-    pipe = cls(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(), unet=sd_unet(), scheduler=ddim(),
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+def sd_pipeline(vae: torch.nn.Module) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(), unet=sd_unet(),
+                                   scheduler=ddim(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -197,18 +208,19 @@ def test_sd3_pipeline_with_sd3_cvvae():
 @torch.no_grad()
 def test_decode_video_latents_modes():
     vae = tiny_model()
-    latents = torch.randn(2, 4, 3, 4, 6, generator=seed())
+    latents = torch.randn(2, 4, 3, 2, 3, generator=seed())
     video = decode_video_latents(vae, latents)
-    assert video.shape == (2, 3, 9, 32, 48) and video.dtype == torch.float32
+    assert video.shape == (2, 3, 9, 16, 24) and video.dtype == torch.float32
     torch.testing.assert_close(video, codec.decode(vae, latents / 0.18215), rtol=0, atol=0)
+    vae.enable_slicing()
+    torch.testing.assert_close(decode_video_latents(vae, latents), video, rtol=0, atol=1e-5)  # batch 1 vs 2
+    vae.disable_slicing()
 
     images = decode_video_latents(vae, latents, mode="image", chunk_size=4)
-    assert images.shape == (2, 3, 3, 32, 48)
-    for t in range(3):  # every latent frame decoded on its own, as a 1-frame clip
-        torch.testing.assert_close(images[:, :, t], vae.decode(latents[:, :, t] / 0.18215).sample, rtol=0, atol=1e-6)
+    assert images.shape == (2, 3, 3, 16, 24)
+    frames = vae.decode(latents.transpose(1, 2).flatten(0, 1) / 0.18215).sample  # 4-D: each a 1-frame clip
+    torch.testing.assert_close(images, frames.unflatten(0, (2, 3)).transpose(1, 2), rtol=0, atol=1e-6)
 
-    raw = decode_video_latents(vae, latents, scaling_factor=1.0, shift_factor=0.0)
-    torch.testing.assert_close(raw, codec.decode(vae, latents), rtol=0, atol=0)
     with pytest.raises(InputError, match="mode"):
         decode_video_latents(vae, latents, mode="frames")
     with pytest.raises(InputError, match=r"\(B, 4, F, h, w\)"):
@@ -216,11 +228,31 @@ def test_decode_video_latents_modes():
 
 
 @torch.no_grad()
-def test_decode_video_latents_applies_the_sd3_shift():
+def test_decode_video_latents_scaling_and_shift():
     vae = tiny_model(**TINY_SD3, scaling_factor=1.5305, shift_factor=0.0609)
-    latents = torch.randn(1, 16, 2, 4, 4, generator=seed())
+    latents = torch.randn(1, 16, 2, 2, 2, generator=seed())
     torch.testing.assert_close(decode_video_latents(vae, latents), codec.decode(vae, latents / 1.5305 + 0.0609),
                                rtol=0, atol=0)
+    raw = decode_video_latents(vae, latents, scaling_factor=1.0, shift_factor=0.0)  # latents not scaled
+    torch.testing.assert_close(raw, codec.decode(vae, latents), rtol=0, atol=0)
+
+
+def test_decode_video_latents_runs_the_offload_hook():
+    """`enable_model_cpu_offload` moves the VAE to the GPU in a hook that diffusers runs from
+    `vae.encode`/`vae.decode` (`apply_forward_hook`); video-mode decoding must run it too."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    vae = add_hook_to_module(tiny_model(), Count())
+    with torch.no_grad():
+        decode_video_latents(vae, torch.randn(1, 4, 2, 2, 2, generator=seed()))
+    assert Count.calls >= 1
 
 
 # ------------------------------------------------------------------------------------- image-to-video (SVD)
@@ -278,6 +310,15 @@ def test_svd_video_mode_np_pil_and_writing(svd_components, tmp_path):
     assert probe(tmp_path / "svd.mp4").num_frames == 9
 
 
+def test_svd_subclass_loads_a_saved_stock_pipeline(svd_components, tmp_path):
+    StableVideoDiffusionPipeline(**svd_components).save_pretrained(tmp_path)
+    vae = svd_components["vae"]
+    pipe = StableVideoDiffusionCVVAEPipeline.from_pretrained(tmp_path, vae=vae)
+    assert type(pipe) is StableVideoDiffusionCVVAEPipeline and pipe.vae is vae and pipe.decode_mode == "video"
+    again = StableVideoDiffusionCVVAEPipeline.from_pipe(StableVideoDiffusionPipeline(**svd_components), vae=vae)
+    assert again.vae is vae
+
+
 @torch.no_grad()
 def test_svd_export_to_video(svd_components, tmp_path):
     pytest.importorskip("imageio_ffmpeg", reason="diffusers' export_to_video needs imageio-ffmpeg")
@@ -289,13 +330,21 @@ def test_svd_export_to_video(svd_components, tmp_path):
 
 
 @torch.no_grad()
-def test_svd_image_mode_is_the_stock_pipeline(svd_components):
+def test_svd_image_mode_decodes_like_the_stock_pipeline(svd_components):
     pipe = StableVideoDiffusionCVVAEPipeline(**svd_components)
+    with pytest.raises(InputError, match="decode_mode"):
+        pipe.decode_mode = "frames"
     pipe.decode_mode = "image"
-    frames = run_svd(pipe, "np")
+    grab = LastLatents()
+    frames = run_svd(pipe, "np", callback_on_step_end=grab)
     assert frames.shape == (1, 3, SIZE, SIZE, 3)
-    stock = run_svd(StableVideoDiffusionPipeline(**svd_components), "np")  # a CVVAE decodes 4-D latents per frame
-    np.testing.assert_allclose(frames, stock, rtol=0, atol=1e-6)
+    # The stock decode_latents (4-D chunks; a CVVAE decodes each latent frame as a 1-frame clip).
+    ours = pipe.decode_latents(grab.latents, 3, decode_chunk_size=2)
+    stock = StableVideoDiffusionPipeline.decode_latents(pipe, grab.latents, 3, decode_chunk_size=2)
+    assert ours.shape == (1, 3, 3, SIZE, SIZE)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)  # batching changes float rounding
+    stock_frames = run_svd(StableVideoDiffusionPipeline(**svd_components), "np")
+    np.testing.assert_allclose(frames, stock_frames, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- text-to-video

@@ -23,6 +23,7 @@ from cvvae.data.clips import (
     read_clip,
     sample_window,
 )
+from cvvae.data.latents import LatentDataset, encode_dataset
 from cvvae.data.sources import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -40,10 +41,12 @@ __all__ = [
     "ClipDataset",
     "ClipError",
     "ClipSpec",
+    "LatentDataset",
     "MixedLoader",
     "ShardClipDataset",
     "ShardSample",
     "collate",
+    "encode_dataset",
     "expand_shards",
     "is_image_item",
     "iter_shard_samples",

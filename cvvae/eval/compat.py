@@ -56,8 +56,8 @@ def mean_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 class ImageVAE:
     """A diffusers AutoencoderKL used frame by frame: (N, 3, H, W) in [-1, 1] <-> unscaled latent means."""
 
-    def __init__(self, vae: Any, dtype: torch.dtype = torch.float32) -> None:
-        self.vae, self.dtype = vae, dtype
+    def __init__(self, vae: Any, dtype: torch.dtype = torch.float32, batch: int = 8) -> None:
+        self.vae, self.dtype, self.batch = vae, dtype, batch
         p = next(vae.parameters())
         self.device, self.weights = p.device, p.dtype
 
@@ -76,14 +76,14 @@ class ImageVAE:
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            mean = self.vae.encode(frames.to(self.device, self.weights)).latent_dist.mean
-        return mean.float().cpu()
+            return torch.cat([self.vae.encode(f.to(self.device, self.weights)).latent_dist.mean.float().cpu()
+                              for f in frames.split(self.batch)])
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            x = self.vae.decode(z.to(self.device, self.weights)).sample
-        return x.float().cpu()
+            return torch.cat([self.vae.decode(c.to(self.device, self.weights)).sample.float().cpu()
+                              for c in z.split(self.batch)])
 
 
 @dataclass
@@ -126,15 +126,14 @@ class ItemReference:
 def reference_for_video(image_vae: ImageVAE, x: torch.Tensor, index: int, t: int = 4) -> ItemReference:
     """The image VAE's side of (a)-(d) for a clip x (1, 3, 1 + t*k, H, W) in [-1, 1]."""
     g = torch.Generator().manual_seed(MAPPING_SEED + index)
-    targets, ref, slice_latents, frame0 = {}, {}, None, None
-    for m in MAPPINGS:
-        target = frames_of(psi(x, m, t=t, generator=g if m == "random" else None))
-        z = image_vae.encode(target)
-        rec = image_vae.decode(z)
-        targets[m] = to01(target)
-        ref[m] = mean_psnr(to01_u8(rec), targets[m])
-        if m == "slice":
-            slice_latents, frame0 = z, rec[:1]
+    targets = {m: frames_of(psi(x, m, t=t, generator=g if m == "random" else None)) for m in MAPPINGS}
+    sizes = [v.shape[0] for v in targets.values()]
+    z = image_vae.encode(torch.cat(list(targets.values())))  # one batch: the image VAE is frame-wise
+    latents = dict(zip(MAPPINGS, z.split(sizes)))
+    recons = dict(zip(MAPPINGS, image_vae.decode(z).split(sizes)))
+    targets = {m: to01(v) for m, v in targets.items()}
+    ref = {m: mean_psnr(to01_u8(recons[m]), targets[m]) for m in MAPPINGS}
+    slice_latents, frame0 = latents["slice"], recons["slice"][:1]
     return ItemReference(targets, ref, slice_latents, frame0)
 
 

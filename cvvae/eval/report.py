@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,6 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, method: str) -> float:
         except ImportError:
             method = "eigh"
     if method == "scipy":
-        import warnings
-
         import scipy.linalg
 
         def sqrtm(a: np.ndarray) -> np.ndarray:
@@ -148,7 +147,9 @@ def load_i3d(path: str | os.PathLike, device: torch.device | str = "cpu") -> tor
     if not path.is_file():
         raise CheckpointError(f"I3D TorchScript file not found: {path} (FVD needs a local i3d_torchscript.pt)")
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval().to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates TorchScript
+            return torch.jit.load(str(path), map_location="cpu").eval().to(device)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's checkpoint problem
         raise CheckpointError(f"cannot load the I3D TorchScript file {path}: {type(e).__name__}: {e}"
                               .splitlines()[0]) from None
@@ -182,15 +183,15 @@ class _Totals:
         self.features: list[torch.Tensor] = []
         self.seconds = 0.0
 
-    def add(self, p: torch.Tensor, s: torch.Tensor, lp: torch.Tensor | None) -> None:
+    def add(self, p: torch.Tensor, s: torch.Tensor, lp: torch.Tensor | None, video: bool) -> None:
         self.psnr.append(float(p.mean()))
         self.ssim.append(float(s.mean()))
         if lp is not None:
             self.lpips.append(float(lp.mean()))
-        if p.numel() > 1:
+        if video:
             self.curve = p.double() if self.curve is None else self.curve + p.double()
             self.first.append(float(p[0]))
-            self.later.append(float(p[1:].mean()))
+            self.later.extend([float(p[1:].mean())] if p.numel() > 1 else [])
 
     def result(self, video: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"count": len(self.psnr), "psnr": _mean(self.psnr), "ssim": _mean(self.ssim),
@@ -254,8 +255,8 @@ def _read(item: dict[str, Any], spec: ClipSpec, kind: str) -> tuple[dict[str, An
 
 def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: Source | None = None, *,
              frames: int = 33, stride: int = 3, size: int = 256, image_vae: Any | None = None,
-             max_items: int | None = None, lpips: torch.nn.Module | None = None, fvd_i3d: str | os.PathLike | None = None,
-             dtype: str = "fp32", progress: bool = True) -> dict[str, Any]:
+             max_items: int | None = None, lpips: torch.nn.Module | None = None,
+             fvd_i3d: str | os.PathLike | None = None, dtype: str = "fp32", progress: bool = True) -> dict[str, Any]:
     """Reconstruction metrics (PSNR/SSIM/LPIPS/FVD, per-frame PSNR) of each named CV-VAE on the videos and
     images of the given sources (folders, CSV/JSONL manifests, files; see `cvvae.data.list_items`) and,
     with `image_vae` (a diffusers AutoencoderKL), its compatibility with that image VAE (`compat.py`).
@@ -310,8 +311,14 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
             if max_items is not None and len(items[kind]) >= max_items:
                 break
             sample, skip = _read(item, spec, kind)
+            if sample is not None and kind == "videos" and sample["stride"] != stride:  # read_clip shrank it to fit
+                skip = {"path": str(item["path"]), "kind": kind, "reason": "too short",
+                        "detail": f"{frames} frames at stride {stride} need {stride * (frames - 1) + 1} frames; "
+                                  f"only stride {sample['stride']} fits"}
             if skip is not None:
                 skipped.append(skip)
+                bar.total += 1 if bar.total < len(todo) else 0
+                bar.update(1)
                 continue
             x = sample["video"].unsqueeze(0)  # (1, 3, T, H, W) in [-1, 1], exactly the uint8 frames
             ref = to01(frames_of(x))
@@ -333,9 +340,9 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
                 recons.append(out)
                 p, s = psnr(out, ref), ssim(out, ref)
                 lp = _lpips(lpips, out, ref) if lpips is not None else None
-                totals[kind][name].add(p, s, lp)
-                row = {"psnr": float(p.mean()), "ssim": float(s.mean()), "lpips": float(lp.mean()) if lp is not None
-                       else NA}
+                totals[kind][name].add(p, s, lp, video)
+                row = {"psnr": float(p.mean()), "ssim": float(s.mean()),
+                       "lpips": float(lp.mean()) if lp is not None else NA}
                 if video:
                     row["psnr_per_frame"] = p.tolist()
                     if detector is not None:
@@ -465,7 +472,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "item"
+    return re.sub(r"[^A-Za-z0-9-]+", "_", name).strip("_") or "item"
 
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", headers, rows) | ("img", src, alt)
@@ -484,7 +491,9 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
         f"At most {p['max_items']} items of each kind." if p["max_items"] else "All items.",
         f"Latents: {p['latents']}; compute dtype {p['dtype']}.",
         f"Pixels: {p['pixels']}.",
-        f"FVD: {p['fvd'] if isinstance(p['fvd'], str) else json.dumps(p['fvd'])}.",
+        "FVD: " + (p["fvd"] if isinstance(p["fvd"], str) else
+                   f"I3D {p['fvd']['i3d']} called as {p['fvd']['call']}; input {p['fvd']['input']}; "
+                   f"{p['fvd']['clips']} clips, {p['fvd']['feature_dim']}-d features."),
         f"cvvae {m['cvvae_version']}, torch {m['timing']['torch']}, device {m['timing']['device']}, "
         f"{m['timing']['seconds']:.1f} s.",
     ])]
@@ -613,8 +622,9 @@ def _plot(m: dict[str, Any], path: Path) -> None:
             continue
         (line,) = ax.plot(range(len(curve)), curve, marker="o", markersize=3, label=name)
         if not same:
-            for f in bounds[name]:
-                ax.axvline(f, linestyle="--", linewidth=1, color=line.get_color())
+            for k, f in enumerate(bounds[name]):
+                ax.axvline(f, linestyle="--", linewidth=1, color=line.get_color(),
+                           label=f"{name}: chunk boundary" if k == 0 else None)
     if same:
         for k, f in enumerate(next(iter(bounds.values()))):
             ax.axvline(f, linestyle="--", linewidth=1, color="gray", label="chunk boundary" if k == 0 else None)
@@ -676,37 +686,47 @@ def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None/False ones (as `cvvae.cli`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Add `cvvae eval` to a subparsers object. `parents` may give -q/--json (read with getattr); they
     must not define --weights, --subfolder or --dtype."""
     p = sub.add_parser(
-        "eval", parents=parents, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "eval", parents=parents, formatter_class=_Help,
         help="evaluate reconstruction (PSNR/SSIM/LPIPS/FVD) and 2D-VAE compatibility; write a report",
         description="Evaluate one or more CV-VAEs with the paper's protocol (Table 1: 256x256 centre crops, 33 "
                     "frames with stride 3) on videos and images, optionally against a 2D image VAE (image mode, "
                     "cross-decoding per mapping function, latent statistics), and write metrics.json, report.md, "
                     "report.html, per_frame_psnr.png and frame strips to a folder.")
-    p.add_argument("--weights", action="append", required=True,
-                   help="CV-VAE folder, weights file or hub id; repeat to compare several models in one report")
-    p.add_argument("--subfolder", action="append",
-                   help="subfolder of --weights (e.g. vae3d); once for all, or once per --weights in order")
-    p.add_argument("--name", action="append", help="report name of each --weights (default: its path)")
-    p.add_argument("--videos", help="folder, CSV/JSONL manifest (column 'path') or video file")
-    p.add_argument("--images", help="folder, CSV/JSONL manifest or image file (e.g. COCO val)")
-    p.add_argument("--frames", type=int, default=33, help="frames per clip, 1 + 4k")
-    p.add_argument("--stride", type=int, default=3, help="frame stride of the clip")
-    p.add_argument("--size", type=int, default=256, help="short-side resize, then centre crop to size x size")
-    p.add_argument("--image-vae", help="2D image VAE to compare with: diffusers AutoencoderKL folder (or a "
-                                       "pipeline folder with vae/), e.g. stable-diffusion-2-1/vae")
-    p.add_argument("--lpips-vgg16", help="torchvision vgg16-397923af.pth (or safetensors) for LPIPS; default: "
-                                         "CVVAE_VGG16 or torch.hub's cache, else LPIPS is n/a (never downloaded)")
-    p.add_argument("--fvd-i3d", help="I3D TorchScript file for FVD (StyleGAN-V's i3d_torchscript.pt); FVD is n/a "
-                                     "without it (never downloaded)")
-    p.add_argument("--max-items", type=int, help="evaluate at most this many readable items of each kind")
-    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (the paper evaluates in fp32)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("-o", "--output", required=True, help="report folder (replaced if it exists)")
+    arg = p.add_argument
+    arg("--weights", action="append", required=True, metavar="W",
+        help="CV-VAE folder, weights file or hub id; repeat to compare several models in one report")
+    arg("--subfolder", action="append", metavar="S",
+        help="subfolder of --weights (e.g. vae3d); once for all, or once per --weights in order")
+    arg("--name", action="append", metavar="NAME", help="report name of each --weights (default: its folder name)")
+    arg("--videos", metavar="DIR_OR_CSV", help="folder, CSV/JSONL manifest (column 'path') or video file")
+    arg("--images", metavar="DIR_OR_CSV", help="folder, CSV/JSONL manifest or image file (e.g. COCO val)")
+    arg("--frames", type=int, metavar="N", default=33, help="frames per clip, 1 + 4k")
+    arg("--stride", type=int, metavar="N", default=3, help="frame stride of the clip (shorter videos are skipped)")
+    arg("--size", type=int, metavar="PX", default=256, help="short-side resize, then centre crop to PX x PX")
+    arg("--image-vae", metavar="DIR", help="2D image VAE to compare with: a diffusers AutoencoderKL folder (or a "
+                                           "pipeline folder with vae/), e.g. stable-diffusion-2-1/vae")
+    arg("--lpips-vgg16", metavar="PATH", help="torchvision vgg16-397923af.pth (or safetensors) for LPIPS; default: "
+                                              "CVVAE_VGG16 or torch.hub's cache, else LPIPS is n/a (never downloaded)")
+    arg("--fvd-i3d", metavar="PATH", help="I3D TorchScript file for FVD (StyleGAN-V's i3d_torchscript.pt); "
+                                          "FVD is n/a without it (never downloaded)")
+    arg("--max-items", type=int, metavar="N", help="evaluate at most N readable items of each kind")
+    arg("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+        help="compute precision (the paper evaluates in fp32)")
+    arg("--device", help="cpu or cuda (default: cuda when available)")
+    arg("-o", "--output", required=True, metavar="DIR", help="report folder (replaced if it exists)")
     p.set_defaults(func=run)
 
 
@@ -753,6 +773,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise InputError(f"output folder does not exist: {out.parent}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but no CUDA GPU is available")
@@ -787,9 +809,10 @@ def run(args: argparse.Namespace) -> None:
             a, cross = c[name]["image_mode"], c[name]["cross_decoding"]["mappings"]
             summary["compatibility"][name] = {"image_mode_psnr": a["psnr_cvvae_vs_image_vae"],
                                               "cross_decoding_psnr": {m: x["psnr"] for m, x in cross.items()}}
-            lines.append(f"  vs image VAE: image mode {_fmt(a['psnr_cvvae_vs_image_vae'])} dB apart; cross-decoding "
-                         f"(random) {_fmt(cross['random']['psnr'])} dB, image VAE {_fmt(cross['random']['image_vae_psnr'])}"
-                         " dB")
+            rnd = cross["random"]
+            lines.append(f"  vs image VAE: image-mode agreement PSNR {_fmt(a['psnr_cvvae_vs_image_vae'])} dB; "
+                         f"cross-decoding (random) {_fmt(rnd['psnr'])} dB vs the image VAE's "
+                         f"{_fmt(rnd['image_vae_psnr'])} dB")
     skipped = f" ({len(metrics['skipped'])} skipped)" if metrics["skipped"] else ""
     lines.append(f"report: {out / 'report.md'}{skipped}")
     if as_json:

@@ -361,6 +361,7 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """
         from .checkpoints import load_pretrained
 
+        torch_dtype = kwargs.pop("dtype", None) if torch_dtype is None else torch_dtype  # diffusers' newer alias
         return load_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
 
 

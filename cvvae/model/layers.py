@@ -188,11 +188,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out.to(dtype)
 
 
-def _project(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
-    """Apply a 1x1 Conv2d to (N, L, C) tokens as the linear map it is."""
-    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
-
-
 class MidAttention(nn.Module):
     """Self-attention of the mid blocks.
 
@@ -218,10 +213,11 @@ class MidAttention(nn.Module):
         """The spatial branch s, without residual."""
         B, C, T, H, W = x.shape
         h = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))  # GroupNorm per frame here
-        h = rearrange(h, "n c h w -> n (h w) c")
-        h = _attention(_project(self.q, h), _project(self.k, h), _project(self.v, h))
-        h = _project(self.proj_out, h)
-        return rearrange(h, "(b t) (h w) c -> b c t h w", b=B, h=H)
+        # the 1x1 convs run as modules (not as F.linear on their weights) so that hooks, e.g.
+        # accelerate's sequential offload, see them
+        q, k, v = (rearrange(proj(h), "n c h w -> n (h w) c") for proj in (self.q, self.k, self.v))
+        h = rearrange(_attention(q, k, v), "n (h w) c -> n c h w", h=H)
+        return rearrange(self.proj_out(h), "(b t) c h w -> b c t h w", b=B)
 
     def temporal(self, s: torch.Tensor) -> torch.Tensor:
         """The temporal branch t(s): full (non-causal) attention over T for every pixel."""

@@ -54,7 +54,9 @@ def decode_video_latents(
         dtype: compute precision: None computes in the VAE's weight dtype (as diffusers pipelines
             do); otherwise as `cvvae.codec.decode` ("auto", "fp32", "bf16", "fp16" or a torch dtype),
             i.e. autocast when the weights are float32, with a float32 recompute of non-finite rounds.
-        chunk_size: image mode only: frames decoded per forward (None: all at once).
+        chunk_size: image mode only: frames decoded per forward (None: all at once). Video mode
+            decodes in the official temporal rounds (4 + 1 latents), in spatial tiles while
+            `vae.use_tiling` (576 px as released), one video at a time after `vae.enable_slicing()`.
     """
     if mode not in DECODE_MODES:
         raise InputError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
@@ -68,6 +70,8 @@ def decode_video_latents(
     z = latents / scale + shift
     dtype = vae.dtype if dtype is None else dtype
     if mode == "video":
+        if vae.use_slicing and z.shape[0] > 1:  # `vae.enable_slicing()`: one video at a time
+            return torch.cat([_decode(vae, zi, dtype) for zi in z.split(1)])
         return _decode(vae, z, dtype)
     b, _, f = z.shape[:3]
     frames = z.transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (B*F, C, 1, h, w): 1-frame clips

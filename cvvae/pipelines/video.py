@@ -1,16 +1,18 @@
 """diffusers video pipelines that decode with a CV-VAE in video mode (n latents -> 1 + 4(n-1) frames).
 
 Each class is the stock diffusers pipeline with `decode_latents` overridden and nothing else, so
-loading (`from_pretrained(..., vae=cvvae)`, `from_pipe`), schedulers, offloading, callbacks and
-`output_type` "pil" / "np" / "pt" / "latent" behave as in diffusers; `diffusers.utils.export_to_video`
-takes the longer frame lists as they are. With any other VAE they decode exactly as the stock pipeline.
+loading (`from_pretrained(..., vae=cvvae)`, `from_pipe(..., vae=cvvae)`), schedulers, callbacks,
+`enable_model_cpu_offload` and `output_type` "pil" / "np" / "pt" / "latent" behave as in diffusers,
+and `diffusers.utils.export_to_video` (imageio + imageio-ffmpeg) writes the longer frame lists as
+they are. With a VAE that is not a CVVAE they decode exactly as the stock pipeline.
 
-Two plain attributes steer decoding (see `decode.decode_video_latents`):
+Two attributes steer decoding (see `decode.decode_video_latents`):
 - `pipe.decode_mode = "video"` (default): the paper's CV-VAE-V; SVD's 25 latents -> 97 frames.
   Decoding runs in temporal rounds of 4 + 1 latents, so `decode_chunk_size` does not apply.
 - `pipe.decode_mode = "image"`: the paper's CV-VAE-I; n latents -> n frames, each latent frame a
   1-frame clip, `decode_chunk_size` frames per forward.
-- `pipe.decode_dtype`: None (default) computes in the VAE's dtype; "auto"/"bf16"/... as `cvvae.codec`.
+- `pipe.decode_dtype`: None (default) computes in the VAE's dtype; "auto"/"bf16"/... as `cvvae.codec`
+  (autocast, which needs float32 VAE weights).
 """
 
 from __future__ import annotations
@@ -18,16 +20,27 @@ from __future__ import annotations
 import torch
 from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline, TextToVideoSDPipeline
 
+from ..errors import InputError
 from ..model import CVVAE
-from .decode import DecodeMode, decode_video_latents
+from .decode import DECODE_MODES, DecodeMode, decode_video_latents
 
 
 class CVVAEDecodeMixin:
     """Video-mode or image-mode CV-VAE decoding for a diffusers pipeline with a `vae` component."""
 
     vae: torch.nn.Module
-    decode_mode: DecodeMode = "video"
     decode_dtype: str | torch.dtype | None = None
+
+    @property
+    def decode_mode(self) -> DecodeMode:
+        """"video" (default: n latents -> 1 + 4(n-1) frames) or "image" (n -> n)."""
+        return self.__dict__.get("_decode_mode", "video")
+
+    @decode_mode.setter
+    def decode_mode(self, mode: DecodeMode) -> None:
+        if mode not in DECODE_MODES:  # fail here, not after the denoising loop
+            raise InputError(f"decode_mode must be one of {DECODE_MODES}, got {mode!r}")
+        self.__dict__["_decode_mode"] = mode
 
     def _uses_cvvae(self) -> bool:
         return isinstance(getattr(self, "vae", None), CVVAE)
