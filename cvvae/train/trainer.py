@@ -395,7 +395,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
                disable=quiet or not accelerator.is_main_process, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
-    log = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    log = None
+    if accelerator.is_main_process:
+        log_path = out / "metrics.jsonl"
+        if log_path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= start]
+            log_path.write_text("".join(r + "\n" for r in kept))
+        log = open(log_path, "a")
     for step in range(start, end):
         batch = next(data)
         x = batch["video"].to(accelerator.device)
