@@ -391,9 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import latents
     from .eval import report
+    from .pipelines import tune
 
     latents.add_parser(sub, [common, model])
     report.add_parser(sub, [common])
+    tune.add_parser(sub, [common])
 
     p = sub.add_parser("train", parents=[common], formatter_class=fmt,
                        help="train a CV-VAE (latent regularisation, LPIPS, 3D GAN); torchrun for many processes",
