@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from cvvae.errors import InputError
 
 from .clips import ClipError, ClipSpec, _buffer_shuffle, _partition, read_clip
-from .sources import Item, _make_sample, _split_name, as_temp_file, expand_shards, list_items
+from .sources import Item, _make_sample, _split_name, as_temp_file, expand_shards, list_items, tar_groups
 
 if TYPE_CHECKING:
     from cvvae.model import CVVAE
@@ -590,26 +590,6 @@ def collate_latents(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"latents": torch.stack([s["latents"] for s in samples]), **{k: [s.get(k) for s in samples] for k in keys}}
 
 
-def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` of a tar shard in stored order, streamed."""
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            key, members = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name_key, ext = _split_name(member.name)
-                if name_key != key and members:
-                    yield key, members
-                    members = {}
-                key = name_key
-                members[ext] = tar.extractfile(member).read()
-            if members:
-                yield key, members
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"cannot read latent shard {path}: {e}") from None
-
-
 class LatentDataset(IterableDataset):
     """Clips of a folder written by :func:`encode_dataset`, streamed shard by shard.
 
@@ -681,7 +661,7 @@ class LatentDataset(IterableDataset):
         order = np.random.default_rng([self.seed, 0, epoch]).permutation(n) if self.shuffle else np.arange(n)
         index, count = _partition()
         groups = ((int(order[j]), number, members) for j in range(index, n, count)
-                  for number, (_, members) in enumerate(_tar_groups(self.shards[int(order[j])])))
+                  for number, (_, members) in enumerate(tar_groups(self.shards[int(order[j])], "latent shard")))
         if self.shuffle and self.shuffle_buffer > 0:
             groups = _buffer_shuffle(groups, self.shuffle_buffer, np.random.default_rng([self.seed, 1, epoch, index]))
         for shard, number, members in groups:

@@ -164,27 +164,32 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def iter_shard_samples(shard: str) -> Iterator[ShardSample]:
-    """Samples of one tar shard in stored order, streamed (members of a sample must be adjacent).
-
-    Raises :class:`InputError` if the shard cannot be opened or read (samples already yielded stay valid).
-    """
+def tar_groups(path: str, what: str = "shard") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` of a webdataset tar in stored order, streamed (members of a sample
+    must be adjacent). Raises :class:`InputError` if the tar cannot be read (groups already
+    yielded stay valid)."""
     try:
-        with tarfile.open(shard, "r|*") as tar:
+        with tarfile.open(path, "r|*") as tar:
             key, members = None, {}
             for member in tar:
                 if not member.isfile():
                     continue
                 name_key, ext = _split_name(member.name)
                 if name_key != key and members:
-                    yield _make_sample(shard, key, members)
+                    yield key, members
                     members = {}
                 key = name_key
                 members[ext] = tar.extractfile(member).read()
             if members:
-                yield _make_sample(shard, key, members)
+                yield key, members
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"cannot read shard {shard}: {e}") from None
+        raise InputError(f"cannot read {what} {path}: {e}") from None
+
+
+def iter_shard_samples(shard: str) -> Iterator[ShardSample]:
+    """Samples of one tar shard in stored order, streamed; see :func:`tar_groups`."""
+    for key, members in tar_groups(shard):
+        yield _make_sample(shard, key, members)
 
 
 def _make_sample(shard: str, key: str, members: dict[str, bytes]) -> ShardSample:
