@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   cvvae encode clip.mp4 -o clip.latents.safetensors --weights CV-VAE --subfolder vae3d
   cvvae decode clip.latents.safetensors -o clip.mp4 --weights CV-VAE --subfolder vae3d
   cvvae inflate --from stable-diffusion-2-1/vae -o cvvae-inflated
+  cvvae deflate cvvae-inflated -o vae2d
   cvvae convert CV-VAE/vae3d_sd3 -o cvvae-sd3
   cvvae info CV-VAE/vae3d
   cvvae encode-dataset clips.csv -o latents/ --weights CV-VAE --subfolder vae3d --frames 17 --size 256
@@ -280,6 +281,16 @@ def cmd_inflate(args) -> None:
              f"{s['latent_channels']} latent channels)"])
 
 
+def cmd_deflate(args) -> None:
+    from .model import CVVAE
+    from .model.inflate import deflate_to_image_vae
+
+    vae2d = deflate_to_image_vae(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder))
+    _save_model_dir(vae2d, args.output)
+    _report(args, dict(output=str(args.output), parameters=sum(p.numel() for p in vae2d.parameters())),
+            [f"{args.output}: diffusers AutoencoderKL equal to the CV-VAE on single images"])
+
+
 def cmd_convert(args) -> None:
     from .codec import DTYPES
     from .model import CVVAE
@@ -380,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-num-groups", type=int, help="GroupNorm groups of a state-dict source (SD: 32)")
     p.add_argument("--scaling-factor", type=float, help="latent scaling factor to record (SD2.1: 0.18215)")
     p.set_defaults(func=cmd_inflate)
+
+    p = sub.add_parser("deflate", parents=[common], formatter_class=fmt,
+                       help="export the 2D image VAE a CV-VAE is on single images (diffusers AutoencoderKL)",
+                       description="The inverse of inflate: e.g. a CV-VAE trained on images only becomes the "
+                       "AutoencoderKL it is (exact), to serve as the frozen image VAE of video training.")
+    p.add_argument("weights", help="CV-VAE folder, weights file or hub id")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--subfolder", help="subfolder of the weights")
+    p.set_defaults(func=cmd_deflate)
 
     p = sub.add_parser("convert", parents=[common], formatter_class=fmt,
                        help="any supported checkpoint -> config.json + diffusion_pytorch_model.safetensors")

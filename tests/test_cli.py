@@ -96,6 +96,11 @@ def test_inflate_convert_info(tmp_path, capsys):
     assert run(capsys, "inflate", "--from", tmp_path / "vae2d", "-o", tmp_path / "inflated", "-q")[0] == 0
     model = CVVAE.from_pretrained(tmp_path / "inflated")
     assert model.config.decoder_attn_type == "spatial-temporal-residual"
+    assert run(capsys, "deflate", tmp_path / "inflated", "-o", tmp_path / "deflated", "-q")[0] == 0
+    back, original = (AutoencoderKL.from_pretrained(tmp_path / name) for name in ("deflated", "vae2d"))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():  # inflate then deflate gives the same image VAE (quant_conv now folded)
+        torch.testing.assert_close(back(x).sample, original(x).sample, rtol=1e-5, atol=1e-5)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "m.ckpt")
     shutil.copy(tmp_path / "inflated" / "config.json", tmp_path / "config.json")
     assert run(capsys, "convert", tmp_path / "m.ckpt", "-o", tmp_path / "converted", "-q")[0] == 0

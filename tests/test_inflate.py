@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from cvvae import CVVAE, CheckpointError
-from cvvae.model.inflate import inflate_from_image_vae
+from cvvae.model.inflate import deflate_to_image_vae, inflate_from_image_vae
 
 from .conftest import randomise_, rel_err, video
 
@@ -93,3 +93,30 @@ def test_inflation_rejects_a_non_vae():
         inflate_from_image_vae({"foo.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not an SD-style image VAE"):
         inflate_from_image_vae({"encoder.foo.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "none"])
+def test_deflation_is_exact_on_images_and_inverts_inflation(attention):
+    """A CV-VAE with random taps everywhere, exported as the 2D VAE it is on single frames."""
+    torch.manual_seed(0)
+    model = randomise_(CVVAE(ch=8, ch_mult=[1, 2, 2, 2], num_res_blocks=1, norm_num_groups=4, norm_eps=1e-6,
+                             encoder_attn_type=attention, decoder_attn_type=attention,
+                             use_post_quant_conv=True)).eval()
+    vae2d = deflate_to_image_vae(model)
+    x = video(2, 3, 48, 40)
+    with torch.no_grad():
+        ours, ref = model.encode(x).latent_dist, vae2d.encode(x).latent_dist
+        assert rel_err(ref.mean, ours.mean) < 1e-5 and rel_err(ref.logvar, ours.logvar) < 1e-5
+        assert rel_err(vae2d.decode(ours.mean).sample, model.decode(ours.mean).sample) < 1e-5
+    assert_reproduces(vae2d, inflate_from_image_vae(vae2d))  # and back again
+
+
+def test_deflation_refuses_what_is_not_2d_on_images():
+    with pytest.raises(CheckpointError, match="padding_mode.*norm_eps|norm_eps"):
+        deflate_to_image_vae(CVVAE(ch=8, ch_mult=[1, 2, 2, 2], num_res_blocks=1, norm_num_groups=4))
+    model = inflate_from_image_vae(image_vae())
+    deflate_to_image_vae(model)  # zero temporal projection: fine
+    with torch.no_grad():
+        model.decoder.mid.attn_1.proj_out_t.weight.add_(0.1)
+    with pytest.raises(CheckpointError, match="not spatial on single frames"):
+        deflate_to_image_vae(model)

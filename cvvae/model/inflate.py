@@ -112,3 +112,56 @@ def inflate_from_image_vae(vae_2d, **config_overrides) -> CVVAE:
         raise CheckpointError(f"2D VAE weights not used by the CV-VAE: {sorted(sd)[:6]}")
     model.load_state_dict(new, strict=True)
     return model.eval()
+
+
+def deflate_to_image_vae(model: CVVAE):
+    """The 2D image VAE (a diffusers `AutoencoderKL`) that a CV-VAE is on single images, exactly.
+
+    For T = 1 every causal encoder conv (and downsampler) sees the one frame through all its
+    temporal taps, so its 2D kernel is the sum of the taps; zero-padded decoder convs see it only
+    through the centre tap; a time-doubling upsampler keeps the second half of its output channels
+    (the frame it keeps), whose replicate-padded taps also sum. So a CV-VAE trained on images only
+    exports as the image VAE it is, and `inflate_from_image_vae` brings that back (same images).
+    Needs zero spatial padding and eps 1e-6 (what AutoencoderKL hard-codes) and a decoder attention
+    that is spatial for one frame ("spatial", or "spatial-temporal-residual" with proj_out_t zero).
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    cfg = model.config
+    kind = model.decoder.mid.attn_1.kind if hasattr(model.decoder.mid, "attn_1") else None
+    problems = []
+    if cfg.padding_mode != "zeros":
+        problems.append("padding_mode must be 'zeros'")
+    if cfg.norm_eps != 1e-6:
+        problems.append(f"norm_eps must be 1e-6 (AutoencoderKL's), not {cfg.norm_eps}")
+    if kind == "spatial-temporal" or (kind == "spatial-temporal-residual"
+                                      and model.decoder.mid.attn_1.proj_out_t.weight.abs().max() > 0):
+        problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames")
+    if hasattr(model.encoder.mid, "attn_1") != (kind is not None):
+        problems.append("encoder and decoder must both have or both lack mid attention")
+    if problems:
+        raise CheckpointError("cannot deflate this CV-VAE to a 2D VAE: " + "; ".join(problems))
+    widths = list(cfg.block_out_channels)
+    sd = {}
+    for name, w in model.state_dict().items():
+        if "_t." in name:  # the temporal attention, zero on single frames
+            continue
+        if ".upsample.conv." in name and model.get_submodule(name.rsplit(".", 2)[0]).time:
+            w = w[w.shape[0] // 2:]  # the channel half that becomes the kept frame
+        if w.ndim == 5:
+            centre = name.startswith("decoder.") and ".upsample." not in name
+            w = w[:, :, w.shape[2] // 2] if centre else w.sum(dim=2)
+        sd[name] = w
+    ae_config = dict(in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.z_channels,
+                     block_out_channels=widths, layers_per_block=cfg.num_res_blocks,
+                     down_block_types=["DownEncoderBlock2D"] * len(widths),
+                     up_block_types=["UpDecoderBlock2D"] * len(widths), norm_num_groups=cfg.norm_num_groups,
+                     scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor,
+                     force_upcast=cfg.force_upcast, use_quant_conv=False,
+                     use_post_quant_conv=cfg.use_post_quant_conv, mid_block_add_attention=kind is not None)
+    vae = AutoencoderKL(**ae_config)
+    missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(sd, ae_config), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"deflation left keys unmatched: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return vae.eval()
