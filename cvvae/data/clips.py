@@ -436,16 +436,16 @@ def _buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -
 # --- batches ----------------------------------------------------------------------------------
 
 
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``video`` to ``(B, 3, T, H, W)``; every other key becomes a list (None where a sample lacks it)."""
+def collate(samples: Sequence[dict[str, Any]], key: str = "video") -> dict[str, Any]:
+    """Stack ``key`` (``video``: ``(B, 3, T, H, W)``); every other key becomes a list (None where a sample lacks it)."""
     if not samples:
         raise InputError("collate needs at least one sample")
-    shapes = sorted({tuple(s["video"].shape) for s in samples})
+    shapes = sorted({tuple(s[key].shape) for s in samples})
     if len(shapes) > 1:
-        raise InputError(f"cannot stack clips of different shapes {shapes}: give each batch one kind (images or "
-                         "videos, see list_items(kind=...)) and a fixed crop")
-    keys = list(dict.fromkeys(k for s in samples for k in s if k != "video"))
-    return {"video": torch.stack([s["video"] for s in samples]), **{k: [s.get(k) for s in samples] for k in keys}}
+        raise InputError(f"cannot stack {key} of different shapes {shapes}: batch samples of one shape (one kind "
+                         "of clip and a fixed crop, or one bucket), or use batch_size=1")
+    keys = list(dict.fromkeys(k for s in samples for k in s if k != key))
+    return {key: torch.stack([s[key] for s in samples]), **{k: [s.get(k) for s in samples] for k in keys}}
 
 
 class MixedLoader:

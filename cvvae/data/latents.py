@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cvvae.errors import InputError
 
-from .clips import ClipError, ClipSpec, _buffer_shuffle, _partition, read_clip
+from .clips import ClipError, ClipSpec, _buffer_shuffle, _partition, collate, read_clip
 from .sources import Item, _make_sample, _split_name, as_temp_file, expand_shards, list_items, tar_groups
 
 if TYPE_CHECKING:
@@ -579,15 +579,8 @@ def _clip_meta(record: dict[str, Any], key: str, shape: torch.Size, plan: _Plan)
 
 # ------------------------------------------------------------------------------------------ reader
 def collate_latents(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``latents`` to ``(B, C, t, h, w)``; every other key becomes a list (None where a sample lacks it)."""
-    if not samples:
-        raise InputError("collate_latents needs at least one sample")
-    shapes = sorted({tuple(s["latents"].shape) for s in samples})
-    if len(shapes) > 1:
-        raise InputError(f"cannot stack latents of different shapes {shapes} (a bucketed dataset): use batch_size=1 "
-                         "or group samples by their 'bucket'")
-    keys = list(dict.fromkeys(k for s in samples for k in s if k != "latents"))
-    return {"latents": torch.stack([s["latents"] for s in samples]), **{k: [s.get(k) for s in samples] for k in keys}}
+    """Stack ``latents`` to ``(B, C, t, h, w)``; every other key becomes a list."""
+    return collate(samples, key="latents")
 
 
 class LatentDataset(IterableDataset):
