@@ -298,8 +298,9 @@ def cmd_convert(args) -> None:
     model = CVVAE.from_pretrained(args.input, subfolder=args.subfolder,
                                   torch_dtype=DTYPES[args.dtype] if args.dtype else None)
     _save_model_dir(model, args.output)
-    _report(args, dict(output=str(args.output), **_model_summary(model)),
-            [f"{args.output}: config.json + diffusion_pytorch_model.safetensors ({_model_summary(model)['variant']})"])
+    summary = _model_summary(model)
+    _report(args, dict(output=str(args.output), **summary),
+            [f"{args.output}: config.json + diffusion_pytorch_model.safetensors ({summary['variant']})"])
 
 
 def cmd_info(args) -> None:

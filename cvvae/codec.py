@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .model import CVVAE
+from .model import CVVAE, DiagonalGaussian
 from .model.chunking import Fn, decode_step, decoder_fn, encode_step, encoder_fn, run_windows, windows
 from .model.frames import padded_frames
 
@@ -97,8 +97,7 @@ class Latents:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.logvar is None:
             raise InputError("these latents hold no logvar (encode with keep_logvar=True to sample)")
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar.clamp(-30.0, 20.0)) * noise
+        return DiagonalGaussian(torch.cat([self.mean, self.logvar], dim=1)).sample(generator)
 
 
 class _Frames:

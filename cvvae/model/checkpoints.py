@@ -204,7 +204,10 @@ def infer_config(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
     """A config for bare weights (no config.json): shapes from the tensors, the rest from the
     released variant the layout belongs to (diffusers layout -> SD3, LDM layout -> SD2.1)."""
     cfg = shape_config(sd)
-    cfg["half_3d"] = sd["encoder.down.0.block.0.conv2.weight"].ndim == 4
+    conv2 = sd.get("encoder.down.0.block.0.conv2.weight")
+    if conv2 is None:
+        raise CheckpointError("weights lack encoder.down.0.block.0.conv2.weight: not a CV-VAE checkpoint")
+    cfg["half_3d"] = conv2.ndim == 4
     cfg["encoder_attn_type"] = "vanilla" if "encoder.mid.attn_1.q.weight" in sd else "none"
     cfg["decoder_attn_type"] = ("spatial-temporal-xformer" if "decoder.mid.attn_1.q_t.weight" in sd
                                 else "vanilla" if "decoder.mid.attn_1.q.weight" in sd else "none")

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.autoencoder import DiagonalGaussian
 from .discriminator import adaptive_weight, hinge_d_loss
 
 MAPPINGS = ("first", "average", "slice", "random")
@@ -125,18 +126,17 @@ class CVVAELoss(nn.Module):
         kl = posterior.kl().sum() / x.shape[0]
         parts = {"nll": nll, "kl": kl, "logvar": self.logvar.detach()}
         total = nll + c.kl_weight * kl
-        if c.dec_reg_weight > 0:
+        if c.dec_reg_weight > 0 or c.enc_reg_weight > 0:  # one draw of psi serves both regularisers
             target = psi(x, c.mapping, self.t, generator)
+        if c.dec_reg_weight > 0:
             zt = z[:, :, : target.shape[2]]
             x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
             parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)
             total = total + c.dec_reg_weight * parts["reg_dec"]
         if c.enc_reg_weight > 0:
-            target = psi(x, c.mapping, self.t, generator)
             with torch.no_grad():
                 moments = self.image_encoder(frames_of(target))
-            mean, logvar = moments.chunk(2, dim=1)
-            zi = mean + torch.randn(mean.shape, generator=generator, device=mean.device) * (0.5 * logvar).exp()
+            zi = DiagonalGaussian(moments).sample(generator=generator)
             zi = rearrange(zi, "(b t) c h w -> b c t h w", b=x.shape[0])
             xrec_enc = model.decode(zi).sample  # covers all of x, or frame 0 only for mapping "first"
             parts["reg_enc"] = self.nll(x[:, :, : xrec_enc.shape[2]], xrec_enc, self.logvar_enc, c.perceptual_weight)
