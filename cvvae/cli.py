@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -71,17 +73,29 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _load_model(args):
+def _load_model(args, *, bundled_default: bool = True):
+    """The CV-VAE of --weights/--subfolder; without --weights the bundled demo model (with a note)."""
     from .model import CVVAE
 
     if args.weights is None:
-        raise InputError("--weights is required (a folder with config.json, a weights file, or a hub id such "
-                         "as AILab-CVC/CV-VAE with --subfolder vae3d); no bundled model ships yet")
-    model = CVVAE.from_pretrained(args.weights, subfolder=args.subfolder)
+        if not bundled_default:
+            raise InputError("--weights is required (a folder with config.json, a weights file, or a hub id such "
+                             "as AILab-CVC/CV-VAE with --subfolder vae3d)")
+        if args.subfolder:
+            raise InputError("--subfolder needs --weights")
+        from .bundled import NOTE, bundled_path
+
+        if not args.quiet and not getattr(args, "json", False):
+            print(f"note: {NOTE}", file=sys.stderr)
+        model = CVVAE.from_pretrained(bundled_path())
+    else:
+        model = CVVAE.from_pretrained(args.weights, subfolder=args.subfolder)
     return model.to(_device(args.device)).requires_grad_(False)
 
 
 def _model_id(args) -> str:
+    if args.weights is None:
+        return "cvvae-bundled"
     return f"{args.weights}" + (f"/{args.subfolder}" if args.subfolder else "")
 
 
@@ -285,7 +299,11 @@ def cmd_deflate(args) -> None:
     from .model import CVVAE
     from .model.inflate import deflate_to_image_vae
 
+    from .codec import DTYPES
+
     vae2d = deflate_to_image_vae(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder))
+    if args.dtype:
+        vae2d.to(DTYPES[args.dtype])
     _save_model_dir(vae2d, args.output)
     _report(args, dict(output=str(args.output), parameters=sum(p.numel() for p in vae2d.parameters())),
             [f"{args.output}: diffusers AutoencoderKL equal to the CV-VAE on single images"])
@@ -344,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--weights", help="model folder (config.json + safetensors), weights file, or hub id")
+    model.add_argument("--weights", help="model folder (config.json + safetensors), weights file, or hub id "
+                                         "(default for reconstruct/encode/decode: the small bundled demo model)")
     model.add_argument("--subfolder", help="subfolder of --weights, e.g. vae3d or vae3d_sd3 in the official repo")
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="compute precision; auto = bf16 where native (recent GPUs, AVX512-BF16 CPUs), else fp32")
@@ -400,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="CV-VAE folder, weights file or hub id")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--subfolder", help="subfolder of the weights")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype")
     p.set_defaults(func=cmd_deflate)
 
     p = sub.add_parser("convert", parents=[common], formatter_class=fmt,
@@ -447,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"cvvae: note: {message}", file=sys.stderr)  # keeps progress bars intact
 
     warnings.showwarning = show
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) unwinds like Ctrl-C, so atomic writers delete their partial files.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         args.func(args)
     except CVVAEError as e:
@@ -455,7 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvvae: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("cvvae: terminated", file=sys.stderr)
+        return 143
     return 0
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler: unwinds the stack (cleanup runs) without being caught as an Exception."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   images/   astronaut.png, coffee.png, chelsea.png, rocket.jpg, camera.png (gray), logo.png (RGBA),
 #             no_time_for_that_tiny.gif (24-frame animation) (from the installed scikit-image package)
 #   opencv/   vtest.avi, Megamind.avi, tree.avi (only with --with-opencv: Debian's opencv-doc, ~96 MB download)
+#   splits/   train/{videos,images} and heldout/videos: every video cut in time (last 20% held out), at
+#             256 px, lossless (python -m cvvae.data.split; the bundled model's training data)
 # Files already present are kept; running it again does nothing more.
 set -euo pipefail
 
@@ -15,7 +17,7 @@ WITH_OPENCV=0
 for arg in "$@"; do
     case "$arg" in
         --with-opencv) WITH_OPENCV=1 ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv])" >&2; exit 2 ;;
     esac
 done
@@ -95,5 +97,13 @@ if (( WITH_OPENCV )); then
     fi
 fi
 
+# --- train / held-out split (the bundled model's data; cvvae/data/split.py) ---------------------------
+if "$PY" -c 'import cvvae' 2>/dev/null; then
+    echo "splitting the videos into train / held-out parts in $CACHE/splits ..."
+    "$PY" -m cvvae.data.split "$CACHE"
+else
+    echo "warning: cvvae is not installed for $PY; skipped the train / held-out split" >&2
+fi
+
 echo "sample media in $CACHE:"
-(cd "$CACHE" && find . -type f | sort | sed 's|^\./|  |')
+(cd "$CACHE" && find . -path ./splits -prune -o -type f -print | sort | sed 's|^\./|  |')

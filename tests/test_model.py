@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from cvvae import CVVAE, ConfigError, InputError
@@ -184,3 +185,27 @@ def test_bfloat16_runs_on_cpu_and_tracks_fp32():
 def test_bad_configs_are_rejected(bad, match):
     with pytest.raises(ConfigError, match=match):
         CVVAE(**{**TINY, **bad})
+
+
+@pytest.mark.parametrize("time_padding", ["causal", "replicate", "zeros"])
+@pytest.mark.parametrize("space_padding", ["zeros", "replicate"])
+def test_single_frame_conv_equals_the_padded_3d_conv(time_padding, space_padding):
+    from cvvae.model.layers import Conv3d, pad_frames  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    conv = Conv3d(3, 5, 3, time_padding=time_padding, space_padding=space_padding)
+    x = torch.randn(2, 3, 1, 7, 6, requires_grad=True)
+    y = conv(x)
+    # Reference: pad time by hand as the multi-frame path does, then a plain 3D conv.
+    ref_in = F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate") if space_padding == "replicate" else x
+    if time_padding == "causal":
+        ref_in = pad_frames(ref_in, 2)
+    elif time_padding == "replicate":
+        ref_in = pad_frames(ref_in, 1, 1)
+    ref = F.conv3d(ref_in, conv.weight, conv.bias,
+                   padding=(1 if time_padding == "zeros" else 0, *([1, 1] if space_padding == "zeros" else [0, 0])))
+    assert y.shape == ref.shape == (2, 5, 1, 7, 6)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(y.square().sum(), conv.weight)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)

@@ -736,7 +736,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this rank's GPU
         dist.init_process_group("gloo")  # only a broadcast at the start: gloo works on CPU and GPU machines
     try:
-        model = _load_model(args)
+        model = _load_model(args, bundled_default=False)
         frames = 17 if args.frames is None else args.frames
         size = 256 if args.size is None else (args.size or None)  # --size 0: keep each video's size
         summary = encode_dataset(

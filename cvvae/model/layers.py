@@ -83,6 +83,8 @@ class Conv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
+        if p and x.shape[2] == 1:
+            return self._single_frame(x)
         if p and self.space_padding == "replicate":
             x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
         if p and self.time_padding == "causal":
@@ -90,6 +92,19 @@ class Conv3d(nn.Conv3d):
         elif p and self.time_padding == "replicate":
             x = pad_frames(x, p, p)
         return super().forward(x)
+
+    def _single_frame(self, x: torch.Tensor) -> torch.Tensor:
+        # With one frame, causal and replicate padding show every time tap the same frame and zero
+        # padding shows only the centre tap anything: the 3D conv is a 2D conv with the taps summed
+        # (or the centre tap), the same result for a third of the work (images, 1-latent clips).
+        p = self.p
+        if self.time_padding == "zeros":
+            weight = self.weight[:, :, p : p + 1]
+        else:
+            weight = self.weight.sum(2, keepdim=True)
+        if self.space_padding == "replicate":
+            x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
+        return F.conv3d(x, weight, self.bias, padding=(0, *self.padding[1:]))
 
 
 class FrameConv2d(nn.Conv2d):

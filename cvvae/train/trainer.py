@@ -428,6 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         seen += x.shape[0]
         bar.update(1)
         if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
+            mse = (xrec.detach().float().clamp(-1, 1) - x.float()).square().mean()
+            parts["psnr"] = 10 * torch.log10(4 / mse.clamp_min(1e-10))  # this batch, pixel range [-1, 1]
             record = {"step": step + 1, **{k: float(v) for k, v in parts.items()}, "skipped_files": skipped,
                       "lr": schedule.get_last_lr()[0], "clips_per_s": seen / (time.perf_counter() - t0)}
             log.write(json.dumps(record) + "\n")

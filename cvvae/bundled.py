@@ -1,0 +1,58 @@
+"""The small CV-VAE that ships with the package: a real, offline default, not the released model.
+
+It was trained on this project's CPU with the project's own trainer, on the sample media of
+``scripts/get_sample_media.sh`` (six short videos and six photos, 256-px frames, 64-px crops):
+first a small SD-architecture image VAE, then that VAE inflated to a CV-VAE and trained on clips
+with decoder latent regularisation through it. It shows the method end to end and reconstructs
+real video, but it has seen a few hundred frames of a few scenes: use the released weights
+(``AILab-CVC/CV-VAE``, subfolder ``vae3d``) for real work. How it was made and what it measures on
+held-out clips: docs/reproduction.md (commands: scripts/reproduce_bundled.sh).
+
+    from cvvae.bundled import load_bundled
+    model = load_bundled()               # CVVAE (SD2.1 layout, 4 latent channels, narrow widths)
+    vae2d = load_bundled("image_vae")    # its frozen diffusers AutoencoderKL
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["BUNDLED_DIR", "NOTE", "bundled_path", "load_bundled"]
+
+BUNDLED_DIR = Path(__file__).parent / "assets" / "bundled"
+_FOLDERS = {"cvvae": "cvvae", "image_vae": "vae2d"}
+NOTE = ("using the bundled demo CV-VAE (small, trained on this project's sample videos; not the released "
+        "model: pass --weights AILab-CVC/CV-VAE --subfolder vae3d for that)")
+
+
+def bundled_path(kind: Literal["cvvae", "image_vae"] = "cvvae") -> Path:
+    """Folder (config.json + safetensors) of the bundled CV-VAE or of its 2D image VAE."""
+    if kind not in _FOLDERS:
+        raise ValueError(f"kind must be 'cvvae' or 'image_vae', got {kind!r}")
+    path = BUNDLED_DIR / _FOLDERS[kind]
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"the bundled weights are missing from {path} (a broken install?); "
+                              "pass --weights instead")
+    return path
+
+
+def load_bundled(kind: Literal["cvvae", "image_vae"] = "cvvae", *, dtype: torch.dtype = torch.float32) -> Any:
+    """The bundled CV-VAE (:class:`~cvvae.CVVAE`) or its image VAE (diffusers ``AutoencoderKL``), in eval mode.
+
+    The weights are stored in fp16 and loaded as ``dtype`` (fp32 by default).
+    """
+    path = bundled_path(kind)
+    if kind == "cvvae":
+        from .model import CVVAE
+
+        model = CVVAE.from_pretrained(path)
+    else:
+        from diffusers import AutoencoderKL
+
+        model = AutoencoderKL.from_pretrained(path)
+    return model.to(dtype).requires_grad_(False).eval()

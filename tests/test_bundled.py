@@ -1,0 +1,85 @@
+"""The bundled demo model (cvvae/bundled.py): loads offline, has its documented layout, and reconstructs
+held-out real video as well as docs/reproduction.md says."""
+
+import itertools
+
+import pytest
+import torch
+
+from cvvae import codec
+from cvvae.bundled import BUNDLED_DIR, load_bundled
+from cvvae.eval.metrics import psnr
+from cvvae.io.video import read_frames, to_tensor
+from cvvae.train.losses import psi
+
+from .media import sample
+
+# Measured on the held-out end of bigbuckbunny.mp4 (see docs/reproduction.md), with a margin;
+# the cross-decoding gap measured there is 0.0 dB (the issue's target: within 2 dB).
+MIN_PSNR = 21.0  # measured 21.9 dB (9 frames, centre 128 x 128, fp32)
+MAX_CROSS_GAP_DB = 2.0
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_bundled(), load_bundled("image_vae")
+
+
+@pytest.fixture(scope="module")
+def heldout_clip():
+    # 9 frames (1 + 4 x 2) of a held-out part of a real video, centre 128 x 128 of its 256-px frames.
+    path = sample("splits/heldout/videos/bigbuckbunny.mkv")
+    frames = list(itertools.islice(read_frames(path), 9))
+    x = to_tensor(frames)
+    h, w = x.shape[-2:]
+    return x[..., (h - 128) // 2: (h - 128) // 2 + 128, (w - 128) // 2: (w - 128) // 2 + 128]
+
+
+def test_bundled_weights_are_small_fp16_safetensors_with_the_sd21_layout(models):
+    model, vae2d = models
+    files = sorted(BUNDLED_DIR.glob("*/*.safetensors"))
+    assert [f.parent.name for f in files] == ["cvvae", "vae2d"]
+    assert sum(f.stat().st_size for f in files) < 10e6
+    assert model.dtype == torch.float32 and not model.training
+    cfg = model.config
+    assert (cfg.z_channels, model.spatial_compression_ratio, model.temporal_compression_ratio) == (4, 8, 4)
+    assert vae2d.config.latent_channels == 4 and len(vae2d.config.block_out_channels) == len(cfg.ch_mult)
+    assert cfg.scaling_factor == pytest.approx(vae2d.config.scaling_factor)
+
+
+def test_bundled_model_reconstructs_a_heldout_clip(models, heldout_clip):
+    model, _ = models
+    x = heldout_clip
+    rec = codec.decode(model, codec.encode(model, x))
+    assert rec.shape == x.shape
+    value = psnr((rec[0].transpose(0, 1).clamp(-1, 1) + 1) / 2, (x[0].transpose(0, 1) + 1) / 2).mean()
+    assert value >= MIN_PSNR
+
+
+def test_bundled_latents_decode_with_the_image_decoder(models, heldout_clip):
+    # The paper's compatibility claim on real held-out video: the image decoder reads the CV-VAE's latents
+    # (one latent frame per group of 4 frames) about as well as the image VAE reads its own latents.
+    model, vae2d = models
+    x = heldout_clip
+    with torch.no_grad():
+        z = codec.encode(model, x).mean[0].transpose(0, 1)  # (t, z, h, w)
+        cross = vae2d.decode(z).sample.clamp(-1, 1)
+        target = psi(x, "slice")[0].transpose(0, 1)  # frames 0, 4, 8
+        own = vae2d.decode(vae2d.encode(target).latent_dist.mean).sample.clamp(-1, 1)
+    cross_psnr = psnr((cross + 1) / 2, (target + 1) / 2).mean()
+    own_psnr = psnr((own + 1) / 2, (target + 1) / 2).mean()
+    assert own_psnr - cross_psnr <= MAX_CROSS_GAP_DB
+
+
+def test_cli_reconstruct_uses_the_bundled_model_without_weights(tmp_path, capsys):
+    from cvvae.cli import main
+    from cvvae.io.video import probe
+
+    src = sample("splits/heldout/videos/carphone_pristine.mkv")
+    out = tmp_path / "recon.mp4"
+    assert main(["reconstruct", str(src), "-o", str(out), "--max-frames", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "bundled demo CV-VAE" not in captured.err  # --json keeps stderr quiet too
+    assert probe(out).num_frames == 5
+    assert main(["reconstruct", str(src), "-o", str(tmp_path / "r2.mp4"), "--max-frames", "5"]) == 0
+    assert "note: using the bundled demo CV-VAE" in capsys.readouterr().err
