@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cvvae.errors import InputError
-from cvvae.io.video import VideoWriter, probe, read_frames
+from cvvae.io.video import VideoInfo, VideoWriter, probe, read_frames
 
 __all__ = ["EXCLUDED", "split_media"]
 
@@ -60,7 +60,7 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             record["videos"].append(_split_video(path, out, short_side, heldout, gap))
         elif suffix in _IMAGE_SUFFIXES:
             target = out / "train" / "images" / f"{path.stem}.png"
-            frame = next(read_frames(path, short_side=_side(path, short_side)))
+            frame = next(read_frames(path, short_side=_side(probe(path), short_side)))
             with VideoWriter(target, fps=1) as writer:
                 writer.write(frame)
             record["images"].append({"source": str(path.relative_to(media)), "train": str(target.relative_to(out))})
@@ -70,14 +70,13 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     return record
 
 
-def _side(path: Path, short_side: int) -> int:
-    info = probe(path)
+def _side(info: VideoInfo, short_side: int) -> int:
     return min(short_side, info.width, info.height)
 
 
 def _split_video(path: Path, out: Path, short_side: int, heldout: float, gap: int) -> dict:
     info = probe(path)
-    frames = list(read_frames(path, short_side=_side(path, short_side)))
+    frames = list(read_frames(path, short_side=_side(info, short_side)))
     n = len(frames)
     n_held = max(1, round(n * heldout))
     n_train = n - n_held - gap

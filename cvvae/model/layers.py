@@ -81,9 +81,11 @@ class Conv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=native)
         self.p, self.time_padding, self.space_padding = p, time_padding, space_padding
 
+    single_frame_shortcut = True  # class-wide switch of the 1-frame path (benchmarks/bench_image_mode.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
-        if p and x.shape[2] == 1:
+        if p and x.shape[2] == 1 and self.single_frame_shortcut:
             return self._single_frame(x)
         if p and self.space_padding == "replicate":
             x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
