@@ -7,7 +7,9 @@
 Every case runs in a fresh process, so peak RSS (ru_maxrss) belongs to that case alone. Baseline
 ("naive"): the whole clip through one straightforward fp32 forward, `encoder(x)` then `decoder(mean)`.
 "engine": `cvvae.codec.encode/decode` (official 16-frame rounds, any length, bounded memory) in fp32,
-and in bf16 where the CPU has native bf16 (on other CPUs bf16 is 30-90x slower and is skipped).
+and in bf16 where the CPU has native bf16 (on other CPUs bf16 is 30-90x slower and is skipped);
+"engine-tiled": the same with 64-px spatial tiles (`--tile-size 64`), for frames larger than that.
+"floor": the model loaded and a 1x8x8 forward run, the memory any exact fp32 method pays.
 FLOPs are counted once per clip shape with torch.utils.flop_counter on the meta device; the ceilings
 (a large matmul and a conv3d) are measured in the same run. Compare figures within one run only.
 """
@@ -25,6 +27,7 @@ import time
 import torch
 
 CLIPS = [(9, 64, 64), (17, 128, 128), (17, 64, 64), (129, 64, 64)]  # 17 vs 129 at 64^2: flat in length?
+SMALL_TILE = 64  # px: the "engine-tiled" case, a user's knob for memory (its output is not the untiled one)
 
 
 def count_flops(T: int, H: int, W: int) -> float:
@@ -63,9 +66,14 @@ def ceilings(dtype: torch.dtype) -> dict[str, float]:
 def run_case(mode: str, T: int, H: int, W: int, dtype: str, reps: int) -> dict:
     """One case in this process: seconds, peak RSS (MiB), output checksum."""
     from cvvae import CVVAE, codec
-
     torch.manual_seed(0)
     model = CVVAE().eval().requires_grad_(False)
+    if mode == "floor":  # what every exact fp32 method pays: weights + runtime, and a 1x8x8 forward's set-up
+        with torch.no_grad():
+            model.decoder(model.encoder(torch.zeros(1, 3, 1, 8, 8))[:, :4])
+        return {"mode": mode, "dtype": dtype, "clip": [T, H, W], "peak_rss_mib": _peak_rss_mib()}
+    if mode == "engine-tiled":
+        model.register_to_config(tile_spatial_size=SMALL_TILE)
     x = torch.rand(1, 3, T, H, W, generator=torch.Generator().manual_seed(1)) * 2 - 1
     enc, dec = [], []
     with torch.no_grad():
@@ -82,9 +90,12 @@ def run_case(mode: str, T: int, H: int, W: int, dtype: str, reps: int) -> dict:
             enc.append(t1 - t0)
             dec.append(time.perf_counter() - t1)
     torch.save(y, f"/tmp/cvvae_bench_{mode}_{dtype}_{T}x{H}x{W}.pt")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "dtype": dtype, "clip": [T, H, W], "encode_s": min(enc), "decode_s": min(dec),
-            "total_s": min(enc) + min(dec), "peak_rss_mib": rss}
+            "total_s": min(enc) + min(dec), "peak_rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def psnr_between(a_path: str, b_path: str) -> float:
@@ -102,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 9x64x64 clip")
     parser.add_argument("--reps", type=int, default=2, help="runs per case; the best time is reported")
+    parser.add_argument("--clips", nargs="+", metavar="TxHxW", help="clips to run (default: the standard four)")
     parser.add_argument("--case", nargs=5, metavar=("MODE", "T", "H", "W", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -120,10 +132,17 @@ def main() -> None:
     if bf16:
         ceil["bf16"] = ceilings(torch.bfloat16)
     print(f"# ceilings GFLOP/s: {json.dumps({k: {n: round(v) for n, v in c.items()} for k, c in ceil.items()})}")
+    floor = json.loads(subprocess.run([sys.executable, __file__, "--case", "floor", "1", "8", "8", "fp32"],
+                                      capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    floor = floor["peak_rss_mib"]
+    print(f"# floor: peak RSS {floor:.0f} MiB with the fp32 model loaded and a 1x8x8 forward run (weights + runtime);"
+          f" 'activations' below = peak RSS - floor")
+    clips = [tuple(int(n) for n in c.split("x")) for c in args.clips] if args.clips else CLIPS[:1] if args.quick else CLIPS
     rows = []
-    for T, H, W in CLIPS[:1] if args.quick else CLIPS:
+    for T, H, W in clips:
         flops = count_flops(T, H, W)
         cases = [("naive", "fp32"), ("engine", "fp32")] + ([("engine", "bf16")] if bf16 else [])
+        cases += [("engine-tiled", "fp32")] if max(H, W) > SMALL_TILE else []
         results = {}
         for mode, dtype in cases:
             out = subprocess.run([sys.executable, __file__, "--case", mode, str(T), str(H), str(W), dtype,
@@ -138,17 +157,18 @@ def main() -> None:
                 **r, "tflop": flops / 1e12, "gflops": flops / r["total_s"] / 1e9,
                 "of_ceiling": flops / r["total_s"] / 1e9 / ceil[dtype]["conv3d"],
                 "speed_vs_naive": base["total_s"] / r["total_s"], "rss_vs_naive": r["peak_rss_mib"] / base["peak_rss_mib"],
+                "act_vs_naive": (r["peak_rss_mib"] - floor) / (base["peak_rss_mib"] - floor),
                 "frames_per_s": T / r["total_s"], "rel_err_vs_naive": rel_err(path, ref),
                 "psnr_vs_naive": psnr_between(path, ref)})
     header = ("| clip | mode | dtype | TFLOP | encode s | decode s | total s | frames/s | GFLOP/s | of conv3d ceiling"
-              " | speed vs naive | peak RSS MiB | RSS vs naive | rel. err vs naive |")
+              " | speed vs naive | peak RSS MiB | RSS vs naive | activations vs naive | rel. err vs naive |")
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
     for r in rows:
         T, H, W = r["clip"]
         print(f"| {T}x{H}x{W} | {r['mode']} | {r['dtype']} | {r['tflop']:.2f} | {r['encode_s']:.1f} | {r['decode_s']:.1f}"
               f" | {r['total_s']:.1f} | {r['frames_per_s']:.2f} | {r['gflops']:.0f} | {r['of_ceiling']:.0%}"
-              f" | {r['speed_vs_naive']:.2f}x | {r['peak_rss_mib']:.0f} | {r['rss_vs_naive']:.2f}x"
+              f" | {r['speed_vs_naive']:.2f}x | {r['peak_rss_mib']:.0f} | {r['rss_vs_naive']:.2f}x | {r['act_vs_naive']:.2f}x"
               f" | {r['rel_err_vs_naive']:.1e} |")
 
 

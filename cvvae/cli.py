@@ -90,6 +90,12 @@ def _load_model(args, *, bundled_default: bool = True):
         model = CVVAE.from_pretrained(bundled_path())
     else:
         model = CVVAE.from_pretrained(args.weights, subfolder=args.subfolder)
+    tile = getattr(args, "tile_size", None)
+    if tile is not None:
+        s = model.spatial_compression_ratio
+        if tile and (tile < 4 * s or tile % s):
+            raise InputError(f"--tile-size must be 0 (no tiling) or a multiple of {s} of at least {4 * s}, got {tile}")
+        model.register_to_config(tile_spatial_size=tile or None)
     return model.to(_device(args.device)).requires_grad_(False)
 
 
@@ -134,6 +140,7 @@ def _atomic_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
 
 
 def _report(args, summary: dict, lines: list[str]) -> None:
@@ -182,6 +189,8 @@ def cmd_reconstruct(args) -> None:
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
+    from .io.files import publish
+
     from . import __version__
 
     _check_output(args.output, args.input)
@@ -198,7 +207,7 @@ def cmd_encode(args) -> None:
     tmp = _atomic_path(args.output)
     try:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-        os.replace(tmp, args.output)
+        publish(tmp, args.output)
     finally:
         tmp.unlink(missing_ok=True)
     summary = dict(output=str(args.output), latent_shape=list(latents.mean.shape), **meta)
@@ -248,6 +257,8 @@ def cmd_decode(args) -> None:
 
 def _save_model_dir(model, out: Path) -> None:
     """save_pretrained into a temporary sibling folder, renamed when complete."""
+    from .io.files import publish
+
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not empty")
     if not out.parent.is_dir():
@@ -257,7 +268,7 @@ def _save_model_dir(model, out: Path) -> None:
         model.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             for p in tmp.iterdir():
@@ -368,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="compute precision; auto = bf16 where native (recent GPUs, AVX512-BF16 CPUs), else fp32")
     model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    model.add_argument("--tile-size", type=int, metavar="PX",
+                       help="spatial tiles of this many pixels for frames larger than that (default: the model's, 576 "
+                            "for the released weights; 0 = never tile). Smaller tiles need less memory; seams are "
+                            "blended, so outputs differ slightly from untiled ones")
     model.add_argument("--crf", type=int, default=18, help="libx264 quality of written videos (0 = lossless)")
 
     frames = argparse.ArgumentParser(add_help=False)

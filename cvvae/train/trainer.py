@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 
 from ..errors import ConfigError
+from ..io.files import publish
 from .losses import CVVAELoss, LossConfig
 
 
@@ -319,7 +320,7 @@ def save_weights(model, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    publish(tmp, out)
 
 
 def _check_ranks_agree(accelerator, model, out: Path) -> None:
