@@ -142,7 +142,6 @@ def _atomic_path(path: Path) -> Path:
     return Path(tmp)
 
 
-
 def _report(args, summary: dict, lines: list[str]) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -189,9 +188,8 @@ def cmd_reconstruct(args) -> None:
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
-    from .io.files import publish
-
     from . import __version__
+    from .io.files import publish
 
     _check_output(args.output, args.input)
     model = _load_model(args)
@@ -203,7 +201,7 @@ def cmd_encode(args) -> None:
     meta = dict(fps=info.fps, num_frames=latents.num_frames, height=latents.height, width=latents.width,
                 source=str(args.input), source_height=info.height, source_width=info.width,
                 model=_model_id(args), z_channels=cfg.z_channels, scaling_factor=cfg.scaling_factor,
-                shift_factor=cfg.shift_factor, cvvae_version=__version__)
+                shift_factor=cfg.shift_factor, tile_spatial_size=cfg.tile_spatial_size, cvvae_version=__version__)
     tmp = _atomic_path(args.output)
     try:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})

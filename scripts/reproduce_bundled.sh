@@ -4,7 +4,7 @@
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [ship]   (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: the model that ships, the
-# same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 600 steps), decoder
+# same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps), decoder
 # regularisation with the random mapping; ship: copies it into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
@@ -30,7 +30,7 @@ ABLATION=(
     "dec-slice   loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=slice"
 )
 # The shipped model: decoder regularisation with random psi (the paper's choice, fixed before measuring).
-SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random steps=600)
+SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random steps=800)
 
 train() {  # output_dir config overrides...: train, or continue an interrupted run
     local out="$1"; shift

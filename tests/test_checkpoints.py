@@ -62,6 +62,9 @@ def test_keyword_arguments_override_the_config(tmp_path):
     loaded = CVVAE.from_pretrained(tmp_path, tile_spatial_size=64, scaling_factor=0.5)
     assert (loaded.config.tile_spatial_size, loaded.config.scaling_factor) == (64, 0.5)
     assert CVVAE.from_pretrained(tmp_path).config.tile_spatial_size == tiny_model().config.tile_spatial_size
+    with pytest.raises(TypeError, match="tile_size"):  # a typo is an error, not silently ignored
+        CVVAE.from_pretrained(tmp_path, tile_size=64)
+    CVVAE.from_pretrained(tmp_path, low_cpu_mem_usage=True, revision="main")  # diffusers/hub options are accepted
 
 
 def test_torch_dtype_and_fp16_stored_weights(tmp_path):

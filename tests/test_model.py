@@ -180,11 +180,23 @@ def test_bfloat16_runs_on_cpu_and_tracks_fp32():
         (dict(use_3d_conv=False), "use_3d_conv"),
         (dict(block_out_channels=[8, 8, 8, 8]), "block_out_channels"),
         (dict(padding_mode="reflect"), "padding_mode"),
+        (dict(tile_spatial_size=3), "tile_spatial_size=3"),  # a 0-latent tile: tiling would never advance
+        (dict(tile_spatial_size=68), "multiple of 8"),
+        (dict(tile_overlap_ratio=1.0), "overlap ratio"),
     ],
 )
 def test_bad_configs_are_rejected(bad, match):
     with pytest.raises(ConfigError, match=match):
         CVVAE(**{**TINY, **bad})
+
+
+def test_bad_tiles_set_after_loading_are_rejected_before_running():
+    from cvvae import codec
+
+    model = tiny_model()
+    model.register_to_config(tile_spatial_size=4)  # bypasses __init__'s check
+    with pytest.raises(ConfigError, match="tile_spatial_size=4"):
+        codec.encode(model, video(1, 3, 1, 64, 64))
 
 
 @pytest.mark.parametrize("time_padding", ["causal", "replicate", "zeros"])

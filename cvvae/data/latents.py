@@ -457,7 +457,7 @@ def encode_dataset(model: CVVAE, source: str | os.PathLike[str] | Sequence[str],
     cfg = model.config
     meta = dict(format=FORMAT, version=FORMAT_VERSION, model=model_id, z_channels=cfg.z_channels,
                 scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor, dtype=_DTYPE_NAMES[compute],
-                frames=frames, stride=stride, size=size, buckets=[list(b) for b in buckets] if buckets else None,
+                tile_spatial_size=cfg.tile_spatial_size if model.use_tiling else None, frames=frames, stride=stride, size=size, buckets=[list(b) for b in buckets] if buckets else None,
                 clips_per_video=clips_per_video, fields=["mean", "logvar"] if sample else ["mean"], seed=int(seed),
                 shard_size=shard_size, items=len(items), items_digest=_digest(items), jobs=n_jobs, shards=n_shards,
                 source=str(source) if isinstance(source, (str, os.PathLike)) else [str(s) for s in source],

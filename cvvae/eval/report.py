@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .. import __version__, codec
 from ..data import ClipSpec, list_items, read_clip
 from ..errors import CheckpointError, InputError
+from ..io.files import ordinary_mode
 from ..model import CVVAE
 from ..model.chunking import encode_step
 from ..model.frames import padded_frames
@@ -650,7 +651,7 @@ def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike) -> Path:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, ordinary_mode(folder=True))  # mkdtemp makes it private
         strip_files: dict[str, str] = {}
         used: set[str] = set()
         for name, s in metrics.get("strips", {}).items():

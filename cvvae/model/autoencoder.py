@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from . import frames
+from .chunking import check_tiles
 from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, silu
 
 # Official attention-type names (config.json) -> the kind of MidAttention they build (None: no attention).
@@ -398,3 +399,5 @@ def _validate(cfg: dict, widths: list[int]) -> None:
     t = 2 ** sum(time_levels(levels))
     if t != cfg["time_n_compress"]:
         fail(f"{levels} levels compress time by {t}, but time_n_compress={cfg['time_n_compress']}")
+    check_tiles(cfg["tile_spatial_size"], cfg["tile_overlap_ratio"], 2 ** (levels - 1))
+

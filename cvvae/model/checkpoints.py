@@ -251,12 +251,28 @@ def find_weights(folder: Path, variant: str | None = None) -> Path:
                           + (f" (found {', '.join(p.name for p in found)})" if found else ""))
 
 
+# diffusers' ModelMixin.from_pretrained options that have no meaning here (pipelines pass some of them)
+_IGNORED_LOADER_KWARGS = {"low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict",
+                          "use_safetensors", "output_loading_info", "quantization_config", "disable_mmap", "from_flax",
+                          "mirror", "use_flashpack"}
+
+
 def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, config: dict | None = None,
                     variant: str | None = None, **hub_kwargs):
     """See `CVVAE.from_pretrained`. Keyword arguments that name config fields override the config (as in
     diffusers, e.g. tile_spatial_size=256); the others go to huggingface_hub."""
     fields = set(cls._get_init_keys(cls))
     overrides = {k: hub_kwargs.pop(k) for k in list(hub_kwargs) if k in fields}
+    import inspect
+
+    from huggingface_hub import snapshot_download
+
+    hub = set(inspect.signature(snapshot_download).parameters)
+    unknown = sorted(set(hub_kwargs) - hub - _IGNORED_LOADER_KWARGS)
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}: neither config fields of "
+                        f"{cls.__name__} nor huggingface_hub download options")
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k in hub}
     path = resolve(name_or_path, subfolder, **hub_kwargs)
     folder = path if path.is_dir() else path.parent
     weights = find_weights(path, variant) if path.is_dir() else path

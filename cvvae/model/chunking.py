@@ -19,10 +19,22 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..errors import ConfigError
 from .frames import padded_frames
 from .layers import pad_frames
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_tiles(size: int | None, overlap_ratio: float, spatial: int) -> None:
+    """Tiles of `size` px (None or 0: no tiling) must hold whole latents and leave a stride after the overlap."""
+    if not size:
+        return
+    lt = size // spatial
+    if size % spatial or lt < 4 or not 0 <= overlap_ratio < 1 or lt - round(lt * overlap_ratio) < 1:
+        raise ConfigError(f"tile_spatial_size={size} / tile_overlap_ratio={overlap_ratio}: tiles must be a multiple "
+                          f"of {spatial} px, at least {4 * spatial} px, with an overlap ratio in [0, 1) that leaves "
+                          "a stride (or tile_spatial_size=None: no tiling)")
 
 
 def origins(size: int, tile: int, stride: int) -> Iterator[int]:
@@ -117,6 +129,7 @@ def tile_grid(model) -> tuple[int, int, int] | None:
     if model.chunk_mode == "full" or not (model.use_tiling and cfg.tile_spatial_size):
         return None
     s = model.spatial_compression_ratio
+    check_tiles(cfg.tile_spatial_size, cfg.tile_overlap_ratio, s)  # register_to_config bypasses __init__
     lt = cfg.tile_spatial_size // s
     return lt, round(lt * cfg.tile_overlap_ratio), s
 

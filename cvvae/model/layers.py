@@ -196,7 +196,7 @@ class Upsample(nn.Module):
             return y
         # Interleave into a new contiguous tensor: a rearranged copy sliced [:, :, 1:] would keep a
         # frame more alive and be non-contiguous, and the next GroupNorm would copy all of it again
-        # (272 MiB of a 17x128x128 SD2.1-size decode; docs/benchmarks.md).
+        # (a 272 MiB copy in a 17x128x128 SD2.1-size decode; docs/benchmarks.md).
         B, C2, T, H, W = y.shape
         out = y.new_empty(B, C2 // 2, 2 * T - 1, H, W)
         out[:, :, 0::2] = y[:, C2 // 2 :]  # n = 1: frames 2t
