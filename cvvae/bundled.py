@@ -9,7 +9,7 @@ real video, but it has seen a few hundred frames of a few scenes: use the releas
 held-out clips: docs/reproduction.md (commands: scripts/reproduce_bundled.sh).
 
     from cvvae.bundled import load_bundled
-    model = load_bundled()               # CVVAE (SD2.1 layout, 4 latent channels, narrow widths)
+    model = load_bundled()               # CVVAE (16 latent channels as SD3's, narrow widths)
     vae2d = load_bundled("image_vae")    # its frozen diffusers AutoencoderKL
 """
 
