@@ -92,9 +92,15 @@ def _load_model(args, *, bundled_default: bool = True):
         model = CVVAE.from_pretrained(args.weights, subfolder=args.subfolder)
     tile = getattr(args, "tile_size", None)
     if tile is not None:
-        s = model.spatial_compression_ratio
-        if tile and (tile < 4 * s or tile % s):
-            raise InputError(f"--tile-size must be 0 (no tiling) or a multiple of {s} of at least {4 * s}, got {tile}")
+        from .errors import ConfigError
+        from .model.chunking import check_tiles
+
+        try:
+            check_tiles(tile or None, model.config.tile_overlap_ratio, model.spatial_compression_ratio)
+        except ConfigError:
+            s = model.spatial_compression_ratio
+            raise InputError(f"--tile-size must be 0 (no tiling) or a multiple of {s} of at least {4 * s}, "
+                             f"got {tile}") from None
         model.register_to_config(tile_spatial_size=tile or None)
     return model.to(_device(args.device)).requires_grad_(False)
 
@@ -190,6 +196,7 @@ def cmd_encode(args) -> None:
 
     from . import __version__
     from .io.files import publish
+    from .model.chunking import tile_size
 
     _check_output(args.output, args.input)
     model = _load_model(args)
@@ -201,7 +208,7 @@ def cmd_encode(args) -> None:
     meta = dict(fps=info.fps, num_frames=latents.num_frames, height=latents.height, width=latents.width,
                 source=str(args.input), source_height=info.height, source_width=info.width,
                 model=_model_id(args), z_channels=cfg.z_channels, scaling_factor=cfg.scaling_factor,
-                shift_factor=cfg.shift_factor, tile_spatial_size=cfg.tile_spatial_size, cvvae_version=__version__)
+                shift_factor=cfg.shift_factor, tile_spatial_size=tile_size(model), cvvae_version=__version__)
     tmp = _atomic_path(args.output)
     try:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})

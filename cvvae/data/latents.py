@@ -426,6 +426,7 @@ def encode_dataset(model: CVVAE, source: str | os.PathLike[str] | Sequence[str],
     Raises :class:`InputError` when ``out_dir`` holds a dataset made with other settings.
     """
     from cvvae import __version__, codec
+    from cvvae.model.chunking import tile_size
 
     t0 = time.perf_counter()
     if buckets is not None:
@@ -457,7 +458,8 @@ def encode_dataset(model: CVVAE, source: str | os.PathLike[str] | Sequence[str],
     cfg = model.config
     meta = dict(format=FORMAT, version=FORMAT_VERSION, model=model_id, z_channels=cfg.z_channels,
                 scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor, dtype=_DTYPE_NAMES[compute],
-                tile_spatial_size=cfg.tile_spatial_size if model.use_tiling else None, frames=frames, stride=stride, size=size, buckets=[list(b) for b in buckets] if buckets else None,
+                tile_spatial_size=tile_size(model), frames=frames, stride=stride, size=size,
+                buckets=[list(b) for b in buckets] if buckets else None,
                 clips_per_video=clips_per_video, fields=["mean", "logvar"] if sample else ["mean"], seed=int(seed),
                 shard_size=shard_size, items=len(items), items_digest=_digest(items), jobs=n_jobs, shards=n_shards,
                 source=str(source) if isinstance(source, (str, os.PathLike)) else [str(s) for s in source],

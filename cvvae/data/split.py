@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from cvvae.data.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from cvvae.errors import InputError
 from cvvae.io.video import VideoInfo, VideoWriter, probe, read_frames
 
@@ -26,8 +27,6 @@ __all__ = ["EXCLUDED", "split_media"]
 
 # Not independent footage: a degraded copy of carphone_pristine, and a 14x25 pixel animation.
 EXCLUDED = frozenset({"carphone_distorted", "no_time_for_that_tiny"})  # file stems
-_VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -46,7 +45,7 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     settings = {"short_side": short_side, "heldout": heldout, "gap": gap}
     record_path = out / "split.json"
     files = sorted(p for p in media.rglob("*") if p.is_file() and out not in p.parents and p.stem not in EXCLUDED)
-    sources = [str(p.relative_to(media)) for p in files if p.suffix.lower() in _VIDEO_SUFFIXES | _IMAGE_SUFFIXES]
+    sources = [str(p.relative_to(media)) for p in files if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS]
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings and record.get("sources") == sources:
@@ -56,9 +55,9 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         (out / sub).mkdir(parents=True, exist_ok=True)
     for path in files:
         suffix = path.suffix.lower()
-        if suffix in _VIDEO_SUFFIXES:
+        if suffix in VIDEO_EXTENSIONS:
             record["videos"].append(_split_video(path, out, short_side, heldout, gap))
-        elif suffix in _IMAGE_SUFFIXES:
+        elif suffix in IMAGE_EXTENSIONS:
             target = out / "train" / "images" / f"{path.stem}.png"
             frame = next(read_frames(path, short_side=_side(probe(path), short_side)))
             with VideoWriter(target, fps=1) as writer:

@@ -12,6 +12,7 @@ Files: safetensors, diffusers `.bin`, and Lightning/PyTorch `.ckpt`/`.pt`/`.pth`
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -263,8 +264,6 @@ def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, conf
     diffusers, e.g. tile_spatial_size=256); the others go to huggingface_hub."""
     fields = set(cls._get_init_keys(cls))
     overrides = {k: hub_kwargs.pop(k) for k in list(hub_kwargs) if k in fields}
-    import inspect
-
     from huggingface_hub import snapshot_download
 
     hub = set(inspect.signature(snapshot_download).parameters)

@@ -118,6 +118,12 @@ def chunked(fn: Fn, x: torch.Tensor, step: int | None) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def tile_size(model) -> int | None:
+    """Pixels of the spatial tiles the model's encode/decode use, or None when they never tile."""
+    grid = tile_grid(model)
+    return None if grid is None else grid[0] * grid[2]
+
+
 def tile_grid(model) -> tuple[int, int, int] | None:
     """(latent tile, latent overlap, spatial factor), or None when tiling is off.
 
