@@ -86,7 +86,7 @@ def _load_model(args, *, bundled_default: bool = True):
         from .bundled import NOTE, bundled_path
 
         if not args.quiet and not getattr(args, "json", False):
-            print(f"note: {NOTE}", file=sys.stderr)
+            print(f"cvvae: note: {NOTE}", file=sys.stderr)
         model = CVVAE.from_pretrained(bundled_path())
     else:
         model = CVVAE.from_pretrained(args.weights, subfolder=args.subfolder)

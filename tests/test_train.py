@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cvvae import CVVAE, ConfigError
-from cvvae.train.trainer import DataConfig, StepBatches, load_config, lr_factor, train
+from cvvae.train.trainer import DataConfig, StepBatches, build_models, load_config, lr_factor, train
 
+from .conftest import tiny_model
 from .media import MEDIA, sample
 
 TINY = ["model={ch: 8, ch_mult: [1, 2, 2, 2], num_res_blocks: 1, norm_num_groups: 4}",
@@ -50,6 +51,21 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["loss.mappin=slice"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(None, ["steps"])
+    # YAML 1.1 reads an unquoted `no` as False: the documented value must still work, other strings must not
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="mixed_precision must be 'no' or 'bf16'"):
+        load_config(None, ["mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="loss.mapping must be a string"):
+        load_config(None, ["loss.mapping=yes"])
+
+
+def test_model_settings_beside_init_are_reported_not_silently_dropped(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "init")
+    cfg = load_config(None, [f"init={tmp_path / 'init'}", "model.ch=64"])
+    with pytest.warns(UserWarning, match=r"model settings \['ch'\] are ignored: the architecture comes from init"):
+        model, vae2d = build_models(cfg)
+    assert model.config.ch == 8 and vae2d is None
 
 
 def test_lr_schedule():

@@ -135,9 +135,12 @@ def deflate_to_image_vae(model: CVVAE):
         problems.append("padding_mode must be 'zeros'")
     if cfg.norm_eps != 1e-6:
         problems.append(f"norm_eps must be 1e-6 (AutoencoderKL's), not {cfg.norm_eps}")
-    if kind == "spatial-temporal" or (kind == "spatial-temporal-residual"
-                                      and model.decoder.mid.attn_1.proj_out_t.weight.abs().max() > 0):
+    if kind == "spatial-temporal":
         problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames")
+    elif kind == "spatial-temporal-residual" and model.decoder.mid.attn_1.proj_out_t.weight.abs().max() > 0:
+        # e.g. `cvvae inflate` output trained further on images: single frames train the temporal branch too
+        problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames: "
+                        "its temporal output projection (proj_out_t) has been trained away from zero")
     if hasattr(model.encoder.mid, "attn_1") != (kind is not None):
         problems.append("encoder and decoder must both have or both lack mid attention")
     if problems:

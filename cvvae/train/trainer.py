@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,12 @@ def _build(cls, values: dict, where: str):
         default = fields[name].default
         if isinstance(value, list) and isinstance(default, tuple):
             value = tuple(value)
+        elif isinstance(default, str) and isinstance(value, bool):
+            # YAML 1.1 reads unquoted no/off/yes/on as booleans; `mixed_precision: no` means the string "no"
+            if name == "mixed_precision" and value is False:
+                value = "no"
+            else:
+                raise ConfigError(f"{where}.{name} must be a string, got {value!r} (quote it)")
         elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                 value = float(value)
@@ -120,7 +127,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
-    return _build(TrainConfig, values, "config")
+    cfg = _build(TrainConfig, values, "config")
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    return cfg
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -165,6 +175,10 @@ def build_models(cfg: TrainConfig):
     from ..model.inflate import inflate_from_image_vae
 
     vae2d = _image_vae(cfg.image_vae)
+    if cfg.model and (cfg.init or vae2d is not None):
+        source = f"init ({cfg.init})" if cfg.init else f"the image VAE it inflates ({cfg.image_vae})"
+        warnings.warn(f"the model settings {sorted(cfg.model)} are ignored: the architecture comes from {source}",
+                      stacklevel=2)
     if cfg.init:
         model = CVVAE.from_pretrained(cfg.init)
     elif vae2d is not None:
