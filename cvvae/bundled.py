@@ -50,9 +50,9 @@ def load_bundled(kind: Literal["cvvae", "image_vae"] = "cvvae", *, dtype: torch.
     if kind == "cvvae":
         from .model import CVVAE
 
-        model = CVVAE.from_pretrained(path)
+        model = CVVAE.from_pretrained(path, torch_dtype=dtype)
     else:
         from diffusers import AutoencoderKL
 
-        model = AutoencoderKL.from_pretrained(path)
-    return model.to(dtype).requires_grad_(False).eval()
+        model = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+    return model.requires_grad_(False).eval()
