@@ -38,7 +38,7 @@ SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random)
 # Round 1 of the shipped model, continued by the stage `continued`: the fp32 runs of the stage `shipped`
 # when they exist, else the fp16 copies that shipped at commit 7c2d432 (what docs/reproduction.md's
 # round 2 was trained from; the two differ only by fp16 rounding).
-ROUND1_COMMIT=7c2d432
+ROUND1_COMMIT=7c2d432941841fbfc9ce5656740080b70cc687e9
 
 deflate_r2() {  # CV-VAE OUT DTYPE: deflate the round-2 image-VAE run (see the stage `continued`)
     .venv/bin/python - "$@" <<'PY'
@@ -50,7 +50,8 @@ model = CVVAE.from_pretrained(sys.argv[1])
 attn = model.decoder.mid.attn_1
 with torch.no_grad():  # the temporal attention's output, which single frames trained; zero = absent
     attn.proj_out_t.weight.zero_(), attn.proj_out_t.bias.zero_()
-deflate_to_image_vae(model).to({"fp16": torch.float16, "fp32": torch.float32}[sys.argv[3]]).save_pretrained(sys.argv[2])
+vae = deflate_to_image_vae(model)
+(vae.half() if sys.argv[3] == "fp16" else vae).save_pretrained(sys.argv[2])
 PY
 }
 
@@ -95,6 +96,9 @@ for stage in "${STAGES[@]}"; do
         continued)
             r1_vae2d="$RUNS/c16-2d/vae2d" r1_cvvae="$RUNS/c16-3d/final"
             if [[ ! -f "$r1_cvvae/config.json" ]]; then
+                git cat-file -e "$ROUND1_COMMIT^{commit}" 2>/dev/null || {
+                    echo "round 1 is neither in $RUNS/c16-3d nor in this git history (a shallow clone?);" \
+                         "run the stage 'shipped' first" >&2; exit 2; }
                 mkdir -p "$RUNS/round1"
                 git archive "$ROUND1_COMMIT" cvvae/assets/bundled | tar -x -C "$RUNS/round1"
                 r1_vae2d="$RUNS/round1/cvvae/assets/bundled/vae2d" r1_cvvae="$RUNS/round1/cvvae/assets/bundled/cvvae"
@@ -103,8 +107,10 @@ for stage in "${STAGES[@]}"; do
             train "$RUNS/c16-2d-r2" configs/bundled-2d.yaml init="$RUNS/c16-2d-init" steps=3000 optim.lr=5e-4
             # Its init is an inflated CV-VAE, whose decoder has a temporal attention (zero output projection,
             # so absent on single frames) that the single-frame training moved; deflate_r2 zeroes it again,
-            # which measures 27.30 dB against round 1's 26.44 dB on held-out frames (docs/reproduction.md).
-            [[ -d "$RUNS/c16-2d-r2/vae2d" ]] || deflate_r2 "$RUNS/c16-2d-r2/final" "$RUNS/c16-2d-r2/vae2d" fp32
+            # and the result is measured against round 1's on held-out frames (docs/reproduction.md).
+            [[ -f "$RUNS/c16-2d-r2/vae2d/diffusion_pytorch_model.safetensors" ]] \
+                || deflate_r2 "$RUNS/c16-2d-r2/final" "$RUNS/c16-2d-r2/vae2d" fp32
+            .venv/bin/python scripts/image_vae_psnr.py "$r1_vae2d" "$RUNS/c16-2d-r2/vae2d"
             train "$RUNS/c16-3d-r2" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r2/vae2d" init="$r1_cvvae" \
                 "${SHIPPED[@]}" steps=2400
             "$CVVAE" eval --weights "$RUNS/c16-3d-r2/final" --name shipped --image-vae "$RUNS/c16-2d-r2/vae2d" \

@@ -117,6 +117,11 @@ def test_deflation_refuses_what_is_not_2d_on_images():
     model = inflate_from_image_vae(image_vae())
     deflate_to_image_vae(model)  # zero temporal projection: fine
     with torch.no_grad():
+        model.decoder.mid.attn_1.proj_out_t.bias.add_(0.1)  # a bias alone adds to every pixel
+    with pytest.raises(CheckpointError, match="not spatial on single frames: its temporal output projection"):
+        deflate_to_image_vae(model)
+    with torch.no_grad():
+        model.decoder.mid.attn_1.proj_out_t.bias.zero_()
         model.decoder.mid.attn_1.proj_out_t.weight.add_(0.1)
     with pytest.raises(CheckpointError, match="not spatial on single frames: its temporal output projection"):
         deflate_to_image_vae(model)

@@ -137,7 +137,8 @@ def deflate_to_image_vae(model: CVVAE):
         problems.append(f"norm_eps must be 1e-6 (AutoencoderKL's), not {cfg.norm_eps}")
     if kind == "spatial-temporal":
         problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames")
-    elif kind == "spatial-temporal-residual" and model.decoder.mid.attn_1.proj_out_t.weight.abs().max() > 0:
+    elif kind == "spatial-temporal-residual" and any(
+            p.abs().max() > 0 for p in model.decoder.mid.attn_1.proj_out_t.parameters()):
         # e.g. `cvvae inflate` output trained further on images: single frames train the temporal branch too
         problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames: "
                         "its temporal output projection (proj_out_t) has been trained away from zero")
