@@ -5,12 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from cvvae import CVVAE, ConfigError
-from cvvae.train.trainer import DataConfig, StepBatches, build_models, load_config, lr_factor, train
+from cvvae.train.trainer import DataConfig, StepBatches, TrainConfig, build_models, load_config, lr_factor, train
 
 from .conftest import tiny_model
 from .media import MEDIA, sample
@@ -66,6 +67,12 @@ def test_model_settings_beside_init_are_reported_not_silently_dropped(tmp_path):
     with pytest.warns(UserWarning, match=r"model settings \['ch'\] are ignored: the architecture comes from init"):
         model, vae2d = build_models(cfg)
     assert model.config.ch == 8 and vae2d is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = load_config(None, ["model.ch=8", "model.norm_num_groups=4"])
+        assert build_models(tiny)[0].config.ch == 8  # model settings alone: no warning
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp16")  # checked however the config is made
 
 
 def test_lr_schedule():

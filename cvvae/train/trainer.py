@@ -81,6 +81,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+
 
 def _build(cls, values: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -127,10 +131,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
-    cfg = _build(TrainConfig, values, "config")
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    return cfg
+    return _build(TrainConfig, values, "config")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
