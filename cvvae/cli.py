@@ -317,12 +317,15 @@ def cmd_deflate(args) -> None:
 
     from .codec import DTYPES
 
-    vae2d = deflate_to_image_vae(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder))
+    vae2d = deflate_to_image_vae(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder),
+                                 drop_temporal_attention=args.drop_temporal_attention)
     if args.dtype:
         vae2d.to(DTYPES[args.dtype])
     _save_model_dir(vae2d, args.output)
+    how = ("as the CV-VAE is on single images without its temporal attention" if args.drop_temporal_attention
+           else "equal to the CV-VAE on single images")
     _report(args, dict(output=str(args.output), parameters=sum(p.numel() for p in vae2d.parameters())),
-            [f"{args.output}: diffusers AutoencoderKL equal to the CV-VAE on single images"])
+            [f"{args.output}: diffusers AutoencoderKL {how}"])
 
 
 def cmd_convert(args) -> None:
@@ -440,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--subfolder", help="subfolder of the weights")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype")
+    p.add_argument("--drop-temporal-attention", action="store_true",
+                   help="export a decoder whose temporal attention was trained (an inflated CV-VAE trained "
+                   "further on images) without it; not exact then, so measure the result")
     p.set_defaults(func=cmd_deflate)
 
     p = sub.add_parser("convert", parents=[common], formatter_class=fmt,

@@ -1,6 +1,6 @@
 """PSNR of 2D image VAEs on held-out frames: frames 0, 6 and 12 of every held-out clip, resized to 256x256.
 
-    python scripts/image_vae_psnr.py VAE_FOLDER [VAE_FOLDER ...] [--videos FOLDER]
+    python scripts/image_vae_psnr.py VIDEO_FOLDER VAE_FOLDER [VAE_FOLDER ...]
 
 The check behind docs/reproduction.md's image-VAE figures for the bundled model's round 2 (posterior means,
 fp32, PSNR per frame on [0, 1], averaged).
@@ -8,7 +8,6 @@ fp32, PSNR per frame on [0, 1], averaged).
 
 import argparse
 import itertools
-import os
 from pathlib import Path
 
 import torch
@@ -17,13 +16,10 @@ from diffusers import AutoencoderKL
 from cvvae.eval.metrics import psnr
 from cvvae.io.video import read_frames, to_tensor
 
-MEDIA = Path(os.environ.get("CVVAE_MEDIA", Path.home() / ".cache/cvvae/media"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("videos", type=Path, help="folder of held-out .mkv clips (the split's heldout/videos)")
     parser.add_argument("vaes", nargs="+", help="diffusers AutoencoderKL folders")
-    parser.add_argument("--videos", type=Path, default=MEDIA / "splits/heldout/videos")
     args = parser.parse_args()
     clips = [to_tensor(list(itertools.islice(read_frames(f, size=(256, 256)), 0, 13, 6)))[0].transpose(0, 1)
              for f in sorted(args.videos.glob("*.mkv"))]

@@ -125,3 +125,11 @@ def test_deflation_refuses_what_is_not_2d_on_images():
         model.decoder.mid.attn_1.proj_out_t.weight.add_(0.1)
     with pytest.raises(CheckpointError, match="not spatial on single frames: its temporal output projection"):
         deflate_to_image_vae(model)
+    # Asked to, it exports the decoder without the temporal branch: what the model is with proj_out_t zero
+    dropped = deflate_to_image_vae(model, drop_temporal_attention=True)
+    z = torch.randn(1, model.config.z_channels, 1, 6, 5)
+    with torch.no_grad():
+        trained = model.decode(z).sample
+        model.decoder.mid.attn_1.proj_out_t.weight.zero_()
+        assert rel_err(dropped.decode(z[:, :, 0]).sample, model.decode(z).sample[:, :, 0]) < 1e-5
+        assert rel_err(trained, model.decode(z).sample) > 1e-3  # the trained branch did change the output

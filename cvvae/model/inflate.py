@@ -114,7 +114,7 @@ def inflate_from_image_vae(vae_2d, **config_overrides) -> CVVAE:
     return model.eval()
 
 
-def deflate_to_image_vae(model: CVVAE):
+def deflate_to_image_vae(model: CVVAE, *, drop_temporal_attention: bool = False):
     """The 2D image VAE (a diffusers `AutoencoderKL`) that a CV-VAE is on single images, exactly.
 
     For T = 1 every causal encoder conv (and downsampler) sees the one frame through all its
@@ -124,6 +124,8 @@ def deflate_to_image_vae(model: CVVAE):
     exports as the image VAE it is, and `inflate_from_image_vae` brings that back (same images).
     Needs zero spatial padding and eps 1e-6 (what AutoencoderKL hard-codes) and a decoder attention
     that is spatial for one frame ("spatial", or "spatial-temporal-residual" with proj_out_t zero).
+    `drop_temporal_attention` exports a "spatial-temporal-residual" decoder whose temporal branch was
+    trained (e.g. inflated, then trained on images) without that branch: no longer exact, so measure it.
     """
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -137,11 +139,12 @@ def deflate_to_image_vae(model: CVVAE):
         problems.append(f"norm_eps must be 1e-6 (AutoencoderKL's), not {cfg.norm_eps}")
     if kind == "spatial-temporal":
         problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames")
-    elif kind == "spatial-temporal-residual" and any(
+    elif kind == "spatial-temporal-residual" and not drop_temporal_attention and any(
             p.abs().max() > 0 for p in model.decoder.mid.attn_1.proj_out_t.parameters()):
         # e.g. `cvvae inflate` output trained further on images: single frames train the temporal branch too
         problems.append(f"the decoder attention ({cfg.decoder_attn_type}) is not spatial on single frames: "
-                        "its temporal output projection (proj_out_t) has been trained away from zero")
+                        "its temporal output projection (proj_out_t) has been trained away from zero "
+                        "(drop_temporal_attention / --drop-temporal-attention exports it without that branch)")
     if hasattr(model.encoder.mid, "attn_1") != (kind is not None):
         problems.append("encoder and decoder must both have or both lack mid attention")
     if problems:

@@ -68,7 +68,8 @@ class TrainConfig:
     steps: int = 200_000  # total optimisation steps (the LR schedule spans them)
     stop_at: int | None = None  # end this invocation after this step (checkpointed); --resume continues
     seed: int = 0
-    mixed_precision: str = "no"  # "no" (the paper trains in fp32) or "bf16"
+    # "no" (the paper trains in fp32) or "bf16"; an unquoted YAML `no` arrives as False and means "no"
+    mixed_precision: str = field(default="no", metadata={"yaml_false": "no"})
     gradient_checkpointing: bool = True
     ema_decay: float | None = None
     disc_ndf: int = 64
@@ -100,9 +101,9 @@ def _build(cls, values: dict, where: str):
         if isinstance(value, list) and isinstance(default, tuple):
             value = tuple(value)
         elif isinstance(default, str) and isinstance(value, bool):
-            # YAML 1.1 reads unquoted no/off/yes/on as booleans; `mixed_precision: no` means the string "no"
-            if name == "mixed_precision" and value is False:
-                value = "no"
+            # YAML 1.1 reads unquoted no/off/yes/on as booleans; a field may say what its False means
+            if value is False and "yaml_false" in fields[name].metadata:
+                value = fields[name].metadata["yaml_false"]
             else:
                 raise ConfigError(f"{where}.{name} must be a string, got {value!r} (quote it)")
         elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
