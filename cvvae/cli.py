@@ -300,6 +300,8 @@ def cmd_inflate(args) -> None:
 
     overrides = {k: v for k, v in dict(norm_num_groups=args.norm_num_groups, scaling_factor=args.scaling_factor).items()
                  if v is not None}
+    if args.spatial_attention_only:
+        overrides["decoder_attn_type"] = "vanilla"
     source = Path(args.source)
     if not source.exists():
         raise InputError(f"2D VAE not found: {source}")
@@ -312,15 +314,16 @@ def cmd_inflate(args) -> None:
 
 
 def cmd_deflate(args) -> None:
+    import torch
+
+    from .codec import DTYPES
     from .model import CVVAE
     from .model.inflate import deflate_to_image_vae
 
-    from .codec import DTYPES
-
     vae2d = deflate_to_image_vae(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder),
                                  drop_temporal_attention=args.drop_temporal_attention)
-    if args.dtype:
-        vae2d.to(DTYPES[args.dtype])
+    if args.dtype:  # torch's to(): diffusers' warns of float32-only modules even when AutoencoderKL has none
+        torch.nn.Module.to(vae2d, DTYPES[args.dtype])
     _save_model_dir(vae2d, args.output)
     how = ("as the CV-VAE is on single images without its temporal attention" if args.drop_temporal_attention
            else "equal to the CV-VAE on single images")
@@ -433,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--norm-num-groups", type=int, help="GroupNorm groups of a state-dict source (SD: 32)")
     p.add_argument("--scaling-factor", type=float, help="latent scaling factor to record (SD2.1: 0.18215)")
+    p.add_argument("--spatial-attention-only", action="store_true",
+                   help="no temporal attention in the decoder: a model to train further on images only, which "
+                   "`cvvae deflate` then exports exactly")
     p.set_defaults(func=cmd_inflate)
 
     p = sub.add_parser("deflate", parents=[common], formatter_class=fmt,

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
-#   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [ship]
-#   (no argument: all)
+#   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
+#                                [decoder] [ship]        (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
 # decoder regularisation with the random mapping. continued: round 2, both phases continued from round 1
 # (+3000 image-VAE steps at half the LR, then +2400 CV-VAE steps against the continued image VAE).
-# extended: round 3, the round-2 CV-VAE +2000 steps at half the LR. ship: copies round 3 (and its image
-# VAE, round 2's) into cvvae/assets/bundled.
+# extended: round 3, the round-2 CV-VAE +2000 steps at half the LR. round4: the same as round 2 once more
+# (image VAE +3000 steps at a quarter of the LR, CV-VAE +2400). decoder: round 5, the round-4 decoder
+# alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
+# ship: copies round 5 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -21,7 +23,7 @@ CVVAE="${CVVAE_BIN:-$REPO/.venv/bin/cvvae}"
 RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
-(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended ship)
+(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -107,10 +109,23 @@ for stage in "${STAGES[@]}"; do
             train "$RUNS/c16-3d-r3" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r2/vae2d" \
                 init="$RUNS/c16-3d-r2/final" "${SHIPPED[@]}" steps=2000 optim.lr=1e-4
             eval_shipped "$RUNS/c16-3d-r3/final" "$RUNS/c16-2d-r2/vae2d" "$RUNS/eval-shipped-r3" ;;
+        round4)  # the image VAE +3000 steps (without temporal attention: its export is exact), the CV-VAE +2400
+            [[ -d "$RUNS/c16-2d-r3-init" ]] || "$CVVAE" inflate --from "$RUNS/c16-2d-r2/vae2d" \
+                -o "$RUNS/c16-2d-r3-init" --spatial-attention-only
+            train "$RUNS/c16-2d-r3" configs/bundled-2d.yaml init="$RUNS/c16-2d-r3-init" steps=3000 optim.lr=2.5e-4
+            [[ -d "$RUNS/c16-2d-r3/vae2d" ]] || "$CVVAE" deflate "$RUNS/c16-2d-r3/final" -o "$RUNS/c16-2d-r3/vae2d"
+            .venv/bin/python scripts/image_vae_psnr.py "$SPLITS/heldout/videos" "$RUNS/c16-2d-r2/vae2d" "$RUNS/c16-2d-r3/vae2d"
+            train "$RUNS/c16-3d-r4" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r3/vae2d" \
+                init="$RUNS/c16-3d-r3/final" "${SHIPPED[@]}" steps=2400
+            eval_shipped "$RUNS/c16-3d-r4/final" "$RUNS/c16-2d-r3/vae2d" "$RUNS/eval-shipped-r4" ;;
+        decoder)  # round 5: the round-4 decoder alone, squared error; latents (so compatibility) unchanged
+            train "$RUNS/c16-3d-r5" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r3/vae2d" \
+                init="$RUNS/c16-3d-r4/final" "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 steps=3000
+            eval_shipped "$RUNS/c16-3d-r5/final" "$RUNS/c16-2d-r3/vae2d" "$RUNS/eval-shipped-r5" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae cvvae/assets/bundled/vae2d && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r3/final" -o cvvae/assets/bundled/cvvae --dtype fp16
-            "$CVVAE" deflate "$RUNS/c16-2d-r2/final" -o cvvae/assets/bundled/vae2d --drop-temporal-attention --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r5/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" deflate "$RUNS/c16-2d-r3/final" -o cvvae/assets/bundled/vae2d --dtype fp16
             # scaling_factor = 1 / std of the image VAE's latents over training frames (SD's recipe for 0.18215)
             .venv/bin/python - "$SPLITS/train/videos" <<'PY'
 import glob, itertools, json, sys
@@ -129,6 +144,7 @@ for sub in ("cvvae", "vae2d"):
 print(f"scaling_factor {scale}")
 PY
             ;;
-        *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, ship)" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
+                "ship)" >&2; exit 2 ;;
     esac
 done

@@ -105,6 +105,18 @@ def test_inflate_convert_info(tmp_path, capsys):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():  # inflate then deflate gives the same image VAE (quant_conv now folded)
         torch.testing.assert_close(back(x).sample, original(x).sample, rtol=1e-5, atol=1e-5)
+    # for training further on images: no temporal attention, so any such training deflates exactly
+    assert run(capsys, "inflate", "--from", tmp_path / "vae2d", "-o", tmp_path / "spatial", "-q",
+               "--spatial-attention-only")[0] == 0
+    spatial = CVVAE.from_pretrained(tmp_path / "spatial")
+    assert spatial.config.decoder_attn_type == "vanilla" and not any("_t." in k for k in spatial.state_dict())
+    with torch.no_grad():
+        for p in spatial.decoder.mid.attn_1.parameters():
+            p.add_(0.01)
+        spatial.save_pretrained(tmp_path / "spatial")
+        assert run(capsys, "deflate", tmp_path / "spatial", "-o", tmp_path / "spatial2d", "-q")[0] == 0
+        torch.testing.assert_close(AutoencoderKL.from_pretrained(tmp_path / "spatial2d")(x).sample,
+                                   spatial(x[:, :, None]).sample[:, :, 0], rtol=1e-5, atol=1e-5)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "m.ckpt")
     shutil.copy(tmp_path / "inflated" / "config.json", tmp_path / "config.json")
     assert run(capsys, "convert", tmp_path / "m.ckpt", "-o", tmp_path / "converted", "-q")[0] == 0

@@ -56,6 +56,9 @@ def test_nll_by_hand():
     x, y = video(2, 3, 5, 4, 4), video(2, 3, 5, 4, 4, seed=1)
     expected = ((x - y).abs() / math.exp(0.5) + 0.5).sum() / (2 * 5)
     assert loss.nll(x, y, loss.logvar, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    l2 = CVVAELoss(LossConfig(perceptual_weight=0, dec_reg_weight=0, logvar_init=0.5, pixel_loss="l2"))
+    expected = ((x - y).square() / math.exp(0.5) + 0.5).sum() / (2 * 5)
+    assert l2.nll(x, y, l2.logvar, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_perceptual_term_is_per_frame_and_broadcast():
@@ -121,3 +124,5 @@ def test_missing_components_are_config_errors():
         CVVAELoss(LossConfig(perceptual_weight=0))
     with pytest.raises(ConfigError, match="mapping"):
         CVVAELoss(LossConfig(perceptual_weight=0, dec_reg_weight=0, mapping="median"))
+    with pytest.raises(ConfigError, match="pixel_loss"):
+        CVVAELoss(LossConfig(perceptual_weight=0, dec_reg_weight=0, pixel_loss="huber"))

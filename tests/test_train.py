@@ -1,5 +1,6 @@
 """Training: config, schedule, data stream, loss falls on real clips, exact resume, 2-process DDP."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,6 +60,9 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="loss.mapping must be a string"):
         load_config(None, ["loss.mapping=yes"])
+    with pytest.raises(ConfigError, match="config.init must be a string"):
+        load_config(None, ["init=no"])  # optional strings too
+    assert load_config(None, ["ema_decay=1e-4"]).ema_decay == 1e-4  # optional float, YAML 1.1 string
 
 
 def test_model_settings_beside_init_are_reported_not_silently_dropped(tmp_path):
@@ -103,6 +107,26 @@ def test_loss_falls_on_real_clips(tmp_path, clips):
     assert last < 0.9 * first, (first, last)
     model = CVVAE.from_pretrained(final)
     assert model.config.ch == 8
+
+
+def test_freeze_encoder_trains_the_decoder_only(tmp_path, clips):
+    """The latent space stays bit-identical; the decoder moves; the decoder regulariser is skipped."""
+    from diffusers import AutoencoderKL
+
+    vae2d = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                          layers_per_block=1)
+    vae2d.save_pretrained(tmp_path / "vae2d")
+    cfg = config(tmp_path, clips, "steps=4", "loss.disc_start=100", "freeze_encoder=true", "loss.pixel_loss=l2",
+                 "loss.dec_reg_weight=1", f"image_vae={tmp_path / 'vae2d'}", "model={}")
+    final = train(cfg, quiet=True)
+    start, end = build_models(cfg)[0].state_dict(), CVVAE.from_pretrained(final).state_dict()
+    assert all(torch.equal(start[k], end[k]) for k in start if k.startswith("encoder."))
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("decoder."))
+    assert all("reg_dec" not in r for r in metrics(tmp_path / "run"))
+    unfrozen = tmp_path / "unfrozen"
+    train(dataclasses.replace(cfg, freeze_encoder=False, steps=1, output_dir=str(unfrozen)), quiet=True)
+    assert "reg_dec" in metrics(unfrozen)[0]
 
 
 def test_resume_continues_exactly(tmp_path, clips):

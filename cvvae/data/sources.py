@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cvvae.errors import InputError
+from cvvae.io.video import IMAGE_SUFFIXES
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v"})
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the single list of what cvvae.io reads as an image
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 _MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})
 

@@ -3,13 +3,14 @@
     L = NLL(x, D_v(z)) + kl_weight KL + w_dec NLL_2d(psi(x), D_i(z)) + w_enc NLL(x, D_v(E_i(psi(x))))
         + d_weight * disc_factor * (-mean D(D_v(z)))
 
-- NLL: per pixel |x - x_hat| + perceptual_weight * LPIPS (per frame, broadcast over its pixels),
-  divided by exp(logvar) plus logvar with a learned scalar logvar, summed and divided by the number
-  of frames (official normalisation).
+- NLL: per pixel |x - x_hat| (`pixel_loss: l2`: (x - x_hat)^2, what PSNR measures) + perceptual_weight *
+  LPIPS (per frame, broadcast over its pixels), divided by exp(logvar) plus logvar with a learned scalar
+  logvar, summed and divided by the number of frames (official normalisation).
 - Decoder regularisation (the paper's choice): the video latents z, decoded frame by frame by the
   frozen 2D image decoder D_i, must reproduce psi(x). Gradients reach the 3D encoder only.
 - Encoder regularisation: the frozen 2D encoder E_i encodes psi(x) frame by frame; the 3D decoder
   must rebuild the whole video from those latents. (The official code crashes on this path.)
+  With a frozen encoder (decoder-only fine-tuning) the decoder regulariser is a constant: it is skipped.
 - psi, the mapping from 1 + 4k frames to 1 + k latent-frame targets: `first`, `average`, `slice`,
   `random` (a random frame per group of 4, drawn per sample; the official code draws once per batch).
 - Adaptive GAN weight ||grad NLL|| / (||grad G|| + 1e-4) on the decoder's last layer, from `disc_start` on.
@@ -30,6 +31,7 @@ from ..model.autoencoder import DiagonalGaussian
 from .discriminator import adaptive_weight, hinge_d_loss
 
 MAPPINGS = ("first", "average", "slice", "random")
+PIXEL_LOSSES = ("l1", "l2")
 
 
 def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,6 +77,7 @@ class LossConfig:
     enc_reg_weight: float = 0.0  # lambda_2: encoder regularisation
     reg_perceptual_weight: float = 0.0  # LPIPS on the regularisation target too (the official uses L1 only)
     mapping: str = "random"
+    pixel_loss: str = "l1"  # "l1" (official) or "l2" (squared error: fine-tunes for PSNR, as SD's ft-MSE decoder)
 
 
 Decode2D = Callable[[torch.Tensor], torch.Tensor]  # latents (N, z, h, w) -> frames (N, 3, H, W)
@@ -92,6 +95,8 @@ class CVVAELoss(nn.Module):
             raise ConfigError(f"unknown mapping {c.mapping!r}; use one of {MAPPINGS}")
         if (c.perceptual_weight > 0 or c.reg_perceptual_weight > 0) and lpips is None:
             raise ConfigError("perceptual_weight > 0 needs LPIPS weights (see cvvae.train.lpips); or set it to 0")
+        if c.pixel_loss not in PIXEL_LOSSES:
+            raise ConfigError(f"unknown pixel_loss {c.pixel_loss!r}; use one of {PIXEL_LOSSES}")
         if c.dec_reg_weight > 0 and image_decoder is None:
             raise ConfigError("dec_reg_weight > 0 needs the frozen 2D image decoder")
         if c.enc_reg_weight > 0 and image_encoder is None:
@@ -103,8 +108,9 @@ class CVVAELoss(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.tensor(c.logvar_init), requires_grad=c.learn_logvar))
 
     def nll(self, x: torch.Tensor, xrec: torch.Tensor, logvar: torch.Tensor, perceptual_weight: float) -> torch.Tensor:
-        """sum(|x - xrec| + w LPIPS) / exp(logvar) + logvar, summed, divided by the number of frames."""
-        rec = (x - xrec).abs()
+        """sum(|x - xrec| + w LPIPS) / exp(logvar) + logvar, summed, divided by the number of frames
+        (squared error instead of |x - xrec| with pixel_loss l2)."""
+        rec = (x - xrec).square() if self.config.pixel_loss == "l2" else (x - xrec).abs()
         if perceptual_weight > 0:
             p = self.lpips(frames_of(x), frames_of(xrec))  # (B*T,)
             rec = rec + perceptual_weight * rearrange(p, "(b t) -> b 1 t 1 1", b=x.shape[0])
@@ -128,7 +134,7 @@ class CVVAELoss(nn.Module):
         total = nll + c.kl_weight * kl
         if c.dec_reg_weight > 0 or c.enc_reg_weight > 0:  # one draw of psi serves both regularisers
             target = psi(x, c.mapping, self.t, generator)
-        if c.dec_reg_weight > 0:
+        if c.dec_reg_weight > 0 and z.requires_grad:  # no gradient to give with the encoder frozen
             zt = z[:, :, : target.shape[2]]
             x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
             parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)

@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 import time
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +73,9 @@ class TrainConfig:
     # "no" (the paper trains in fp32) or "bf16"; an unquoted YAML `no` arrives as False and means "no"
     mixed_precision: str = field(default="no", metadata={"yaml_false": "no"})
     gradient_checkpointing: bool = True
+    # Train the decoder only: the latent space, and so its compatibility with the image VAE, stays as it is
+    # (how SD's ft-EMA/ft-MSE decoders were made). The decoder regulariser then has nothing to train: skipped.
+    freeze_encoder: bool = False
     ema_decay: float | None = None
     disc_ndf: int = 64
     disc_layers: int = 4
@@ -87,6 +92,15 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
 
 
+def _field_types(cls) -> dict[str, set[type]]:
+    """Field name -> the plain types its annotation admits (`str | None` -> {str, NoneType})."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        out[name] = {typing.get_origin(a) or a for a in args}
+    return out
+
+
 def _build(cls, values: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -97,16 +111,16 @@ def _build(cls, values: dict, where: str):
         sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             value = _build(sub, value, f"{where}.{name}" if where != "config" else name)
-        default = fields[name].default
-        if isinstance(value, list) and isinstance(default, tuple):
+        kinds = _field_types(cls)[name]
+        if isinstance(value, list) and tuple in kinds:
             value = tuple(value)
-        elif isinstance(default, str) and isinstance(value, bool):
+        elif str in kinds and isinstance(value, bool):
             # YAML 1.1 reads unquoted no/off/yes/on as booleans; a field may say what its False means
             if value is False and "yaml_false" in fields[name].metadata:
                 value = fields[name].metadata["yaml_false"]
             else:
                 raise ConfigError(f"{where}.{name} must be a string, got {value!r} (quote it)")
-        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        elif float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                 value = float(value)
             except ValueError:
@@ -375,7 +389,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         loss.lpips.to(accelerator.device)
     step_module = TrainStep(model, loss)
     o = cfg.optim
-    ae_params = list(model.parameters()) + [p for n, p in loss.named_parameters() if n.startswith("logvar")]
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    ae_params = ([p for p in model.parameters() if p.requires_grad] +
+                 [p for n, p in loss.named_parameters() if n.startswith("logvar")])
     opt_ae = torch.optim.AdamW(ae_params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt_ae, lambda s: lr_factor(s, o.warmup, cfg.steps, o.min_lr_ratio))
