@@ -110,6 +110,7 @@ for stage in "${STAGES[@]}"; do
                 init="$RUNS/c16-3d-r2/final" "${SHIPPED[@]}" steps=2000 optim.lr=1e-4
             eval_shipped "$RUNS/c16-3d-r3/final" "$RUNS/c16-2d-r2/vae2d" "$RUNS/eval-shipped-r3" ;;
         round4)  # the image VAE +3000 steps (without temporal attention: its export is exact), the CV-VAE +2400
+            # (run folders count each model's own rounds: c16-2d-r3 is the image VAE's third, c16-3d-r4 the CV-VAE's fourth)
             [[ -d "$RUNS/c16-2d-r3-init" ]] || "$CVVAE" inflate --from "$RUNS/c16-2d-r2/vae2d" \
                 -o "$RUNS/c16-2d-r3-init" --spatial-attention-only
             train "$RUNS/c16-2d-r3" configs/bundled-2d.yaml init="$RUNS/c16-2d-r3-init" steps=3000 optim.lr=2.5e-4

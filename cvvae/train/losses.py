@@ -7,10 +7,10 @@
   LPIPS (per frame, broadcast over its pixels), divided by exp(logvar) plus logvar with a learned scalar
   logvar, summed and divided by the number of frames (official normalisation).
 - Decoder regularisation (the paper's choice): the video latents z, decoded frame by frame by the
-  frozen 2D image decoder D_i, must reproduce psi(x). Gradients reach the 3D encoder only.
+  frozen 2D image decoder D_i, must reproduce psi(x). Gradients reach the 3D encoder only, so with the
+  encoder frozen (decoder-only fine-tuning) the term is a constant and is skipped.
 - Encoder regularisation: the frozen 2D encoder E_i encodes psi(x) frame by frame; the 3D decoder
   must rebuild the whole video from those latents. (The official code crashes on this path.)
-  With a frozen encoder (decoder-only fine-tuning) the decoder regulariser is a constant: it is skipped.
 - psi, the mapping from 1 + 4k frames to 1 + k latent-frame targets: `first`, `average`, `slice`,
   `random` (a random frame per group of 4, drawn per sample; the official code draws once per batch).
 - Adaptive GAN weight ||grad NLL|| / (||grad G|| + 1e-4) on the decoder's last layer, from `disc_start` on.
@@ -134,7 +134,8 @@ class CVVAELoss(nn.Module):
         total = nll + c.kl_weight * kl
         if c.dec_reg_weight > 0 or c.enc_reg_weight > 0:  # one draw of psi serves both regularisers
             target = psi(x, c.mapping, self.t, generator)
-        if c.dec_reg_weight > 0 and z.requires_grad:  # no gradient to give with the encoder frozen
+        encoder_frozen = torch.is_grad_enabled() and not z.requires_grad
+        if c.dec_reg_weight > 0 and not encoder_frozen:  # a frozen encoder gets no gradient from it
             zt = z[:, :, : target.shape[2]]
             x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
             parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)
