@@ -301,7 +301,7 @@ def cmd_inflate(args) -> None:
     overrides = {k: v for k, v in dict(norm_num_groups=args.norm_num_groups, scaling_factor=args.scaling_factor).items()
                  if v is not None}
     if args.spatial_attention_only:
-        overrides["decoder_attn_type"] = "vanilla"
+        overrides["spatial_attention_only"] = True
     source = Path(args.source)
     if not source.exists():
         raise InputError(f"2D VAE not found: {source}")

@@ -2,7 +2,7 @@
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
-#                                [decoder] [ship]        (no argument: all)
+#                                [decoder] [crops] [ship]        (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
@@ -11,7 +11,8 @@
 # extended: round 3, the round-2 CV-VAE +2000 steps at half the LR. round4: the same as round 2 once more
 # (image VAE +3000 steps at a quarter of the LR, CV-VAE +2400). decoder: round 5, the round-4 decoder
 # alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
-# ship: copies round 5 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# crops: round 6, the decoder alone once more on 128-px crops. ship: copies round 6 (and its image VAE,
+# round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -23,7 +24,7 @@ CVVAE="${CVVAE_BIN:-$REPO/.venv/bin/cvvae}"
 RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
-(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder ship)
+(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -123,9 +124,14 @@ for stage in "${STAGES[@]}"; do
             train "$RUNS/c16-3d-r5" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r3/vae2d" \
                 init="$RUNS/c16-3d-r4/final" "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 steps=3000
             eval_shipped "$RUNS/c16-3d-r5/final" "$RUNS/c16-2d-r3/vae2d" "$RUNS/eval-shipped-r5" ;;
+        crops)  # round 6: the decoder alone again, on 128-px crops (1 clip or 2 photos per batch) at half the LR
+            train "$RUNS/c16-3d-r6" configs/bundled-3d.yaml image_vae="$RUNS/c16-2d-r3/vae2d" \
+                init="$RUNS/c16-3d-r5/final" "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 data.crop=128 \
+                data.video_batch=1 data.image_batch=2 steps=1200 optim.lr=1e-4
+            eval_shipped "$RUNS/c16-3d-r6/final" "$RUNS/c16-2d-r3/vae2d" "$RUNS/eval-shipped-r6" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae cvvae/assets/bundled/vae2d && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r5/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r6/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             "$CVVAE" deflate "$RUNS/c16-2d-r3/final" -o cvvae/assets/bundled/vae2d --dtype fp16
             # scaling_factor = 1 / std of the image VAE's latents over training frames (SD's recipe for 0.18215)
             .venv/bin/python - "$SPLITS/train/videos" <<'PY'
@@ -146,6 +152,6 @@ print(f"scaling_factor {scale}")
 PY
             ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "ship)" >&2; exit 2 ;;
+                "crops, ship)" >&2; exit 2 ;;
     esac
 done

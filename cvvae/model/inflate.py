@@ -57,10 +57,11 @@ def inflated_config(sd: Mapping[str, torch.Tensor], **overrides) -> dict[str, An
     """CV-VAE config for a 2D VAE state dict in LDM names (SD defaults for what keys cannot tell)."""
     cfg = shape_config(sd, "an SD-style image VAE")
     attention = overrides.pop("mid_attention", True)
+    spatial_only = overrides.pop("spatial_attention_only", False)  # no temporal attention in the decoder
     cfg.update(
         norm_num_groups=32, norm_eps=1e-6, padding_mode="zeros", half_3d=True,
         encoder_attn_type="vanilla" if attention else "none",
-        decoder_attn_type="spatial-temporal-residual" if attention else "none",
+        decoder_attn_type=("vanilla" if spatial_only else "spatial-temporal-residual") if attention else "none",
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg

@@ -96,7 +96,8 @@ def _field_types(cls) -> dict[str, set[type]]:
     """Field name -> the plain types its annotation admits (`str | None` -> {str, NoneType})."""
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # X | None, Optional[X]
+        args = typing.get_args(hint) if union else (hint,)
         out[name] = {typing.get_origin(a) or a for a in args}
     return out
 
