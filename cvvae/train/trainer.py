@@ -107,12 +107,12 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {where} keys: {unknown}; known: {sorted(fields)}")
-    kwargs = {}
+    kwargs, hints = {}, _field_types(cls)
     for name, value in values.items():
         sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             value = _build(sub, value, f"{where}.{name}" if where != "config" else name)
-        kinds = _field_types(cls)[name]
+        kinds = hints[name]
         if isinstance(value, list) and tuple in kinds:
             value = tuple(value)
         elif str in kinds and isinstance(value, bool):
