@@ -2,7 +2,7 @@
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
-#                                [decoder] [crops] [ship]        (no argument: all)
+#                                [decoder] [crops] [fullres] [fullres2] [ship]        (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
@@ -11,8 +11,9 @@
 # extended: round 3, the round-2 CV-VAE +2000 steps at half the LR. round4: the same as round 2 once more
 # (image VAE +3000 steps at a quarter of the LR, CV-VAE +2400). decoder: round 5, the round-4 decoder
 # alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
-# crops: round 6, the decoder alone once more on 128-px crops. ship: copies round 6 (and its image VAE,
-# round 4's) into cvvae/assets/bundled.
+# crops: round 6, the decoder alone once more on 128-px crops. fullres: round 7, the decoder alone on 256-px
+# crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. ship: copies round 8 (and
+# its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -24,7 +25,8 @@ CVVAE="${CVVAE_BIN:-$REPO/.venv/bin/cvvae}"
 RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
-(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops ship)
+(( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
+                                ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -42,11 +44,21 @@ SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random)
 # when they exist, else the fp16 copies that shipped at commit 7c2d432 (what docs/reproduction.md's
 # round 2 was trained from; the two differ only by fp16 rounding).
 ROUND1_COMMIT=7c2d432941841fbfc9ce5656740080b70cc687e9
+# Likewise round 6 and its image VAE for the stage `fullres`: the fp16 copies shipped at commit e0ca0b7.
+ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
     "$CVVAE" eval --weights "$1" --name shipped --image-vae "$2" --videos "$SPLITS/heldout/videos" \
         --frames 13 --stride 1 --size 256 -o "$3"
     .venv/bin/python scripts/ablation_tables.py "$3/metrics.json"
+}
+
+from_git() {  # COMMIT NAME STAGE: the bundled pair as committed at COMMIT, into $RUNS/NAME/cvvae/assets/bundled
+    git cat-file -e "$1^{commit}" 2>/dev/null || {
+        echo "$2 is neither in $RUNS nor in this git history (a shallow clone?); run the stage '$3' first" >&2
+        exit 2; }
+    mkdir -p "$RUNS/$2"
+    git archive "$1" cvvae/assets/bundled | tar -x -C "$RUNS/$2"
 }
 
 train() {  # output_dir config overrides...: train, or continue an interrupted run
@@ -88,11 +100,7 @@ for stage in "${STAGES[@]}"; do
         continued)
             r1_vae2d="$RUNS/c16-2d/vae2d" r1_cvvae="$RUNS/c16-3d/final"
             if [[ ! -f "$r1_cvvae/config.json" ]]; then
-                git cat-file -e "$ROUND1_COMMIT^{commit}" 2>/dev/null || {
-                    echo "round 1 is neither in $RUNS/c16-3d nor in this git history (a shallow clone?);" \
-                         "run the stage 'shipped' first" >&2; exit 2; }
-                mkdir -p "$RUNS/round1"
-                git archive "$ROUND1_COMMIT" cvvae/assets/bundled | tar -x -C "$RUNS/round1"
+                from_git "$ROUND1_COMMIT" round1 shipped
                 r1_vae2d="$RUNS/round1/cvvae/assets/bundled/vae2d" r1_cvvae="$RUNS/round1/cvvae/assets/bundled/cvvae"
             fi
             [[ -d "$RUNS/c16-2d-init" ]] || "$CVVAE" inflate --from "$r1_vae2d" -o "$RUNS/c16-2d-init"
@@ -129,29 +137,34 @@ for stage in "${STAGES[@]}"; do
                 init="$RUNS/c16-3d-r5/final" "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 data.crop=128 \
                 data.video_batch=1 data.image_batch=2 steps=1200 optim.lr=1e-4
             eval_shipped "$RUNS/c16-3d-r6/final" "$RUNS/c16-2d-r3/vae2d" "$RUNS/eval-shipped-r6" ;;
+        fullres)  # round 7: the decoder alone on 256-px crops (the size it is evaluated at) at half round 5's LR
+            r6_vae2d="$RUNS/c16-2d-r3/vae2d" r6_cvvae="$RUNS/c16-3d-r6/final"
+            if [[ ! -f "$r6_cvvae/config.json" ]]; then
+                from_git "$ROUND6_COMMIT" round6 crops
+                r6_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d" r6_cvvae="$RUNS/round6/cvvae/assets/bundled/cvvae"
+            fi
+            train "$RUNS/c16-3d-r7" configs/bundled-3d.yaml image_vae="$r6_vae2d" init="$r6_cvvae" "${SHIPPED[@]}" \
+                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
+                steps=1000 optim.lr=1e-4
+            eval_shipped "$RUNS/c16-3d-r7/final" "$r6_vae2d" "$RUNS/eval-shipped-r7" ;;
+        fullres2)  # round 8: round 7 continued, 600 more steps at half its LR, other clips (seed 1)
+            r7_vae2d="$RUNS/c16-2d-r3/vae2d"
+            [[ -f "$r7_vae2d/config.json" ]] || r7_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d"
+            train "$RUNS/c16-3d-r8" configs/bundled-3d.yaml image_vae="$r7_vae2d" init="$RUNS/c16-3d-r7/final" \
+                "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 \
+                data.image_batch=2 steps=600 optim.lr=5e-5 seed=1
+            eval_shipped "$RUNS/c16-3d-r8/final" "$r7_vae2d" "$RUNS/eval-shipped-r8" ;;
         ship)
-            rm -rf cvvae/assets/bundled/cvvae cvvae/assets/bundled/vae2d && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r6/final" -o cvvae/assets/bundled/cvvae --dtype fp16
-            "$CVVAE" deflate "$RUNS/c16-2d-r3/final" -o cvvae/assets/bundled/vae2d --dtype fp16
-            # scaling_factor = 1 / std of the image VAE's latents over training frames (SD's recipe for 0.18215)
-            .venv/bin/python - "$SPLITS/train/videos" <<'PY'
-import glob, itertools, json, sys
-import torch
-from cvvae.bundled import BUNDLED_DIR, load_bundled
-from cvvae.io.video import read_frames, to_tensor
-vae, zs = load_bundled("image_vae"), []
-for f in sorted(glob.glob(f"{sys.argv[1]}/*.mkv")):
-    x = to_tensor(list(itertools.islice(read_frames(f), 0, 200, 25)))[0].transpose(0, 1)[..., :128, :128]
-    with torch.no_grad():
-        zs.append(vae.encode(x).latent_dist.mean)
-scale = round(1 / torch.cat(zs).std().item(), 5)
-for sub in ("cvvae", "vae2d"):
-    path = BUNDLED_DIR / sub / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "scaling_factor": scale}, indent=2) + "\n")
-print(f"scaling_factor {scale}")
-PY
-            ;;
+            rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
+            "$CVVAE" convert "$RUNS/c16-3d-r8/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
+            if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
+                rm -rf cvvae/assets/bundled/vae2d
+                "$CVVAE" deflate "$RUNS/c16-2d-r3/final" -o cvvae/assets/bundled/vae2d --dtype fp16
+            fi
+            .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
+                cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, ship)" >&2; exit 2 ;;
     esac
 done

@@ -102,6 +102,10 @@ def test_inflate_convert_info(tmp_path, capsys):
     assert model.config.decoder_attn_type == "spatial-temporal-residual"
     assert run(capsys, "deflate", tmp_path / "inflated", "-o", tmp_path / "deflated", "-q")[0] == 0
     back, original = (AutoencoderKL.from_pretrained(tmp_path / name) for name in ("deflated", "vae2d"))
+    code, _, err = run(capsys, "deflate", tmp_path / "inflated", "-o", tmp_path / "deflated16", "--dtype", "fp16")
+    assert code == 0 and "note" not in err  # no cast warning from diffusers
+    with safe_open(tmp_path / "deflated16" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():  # inflate then deflate gives the same image VAE (quant_conv now folded)
         torch.testing.assert_close(back(x).sample, original(x).sample, rtol=1e-5, atol=1e-5)

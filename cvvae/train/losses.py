@@ -8,7 +8,7 @@
   logvar, summed and divided by the number of frames (official normalisation).
 - Decoder regularisation (the paper's choice): the video latents z, decoded frame by frame by the
   frozen 2D image decoder D_i, must reproduce psi(x). Gradients reach the 3D encoder only, so with the
-  encoder frozen (decoder-only fine-tuning) the term is a constant and is skipped.
+  encoder frozen (decoder-only fine-tuning, `encoder_frozen=True`) training steps skip the term.
 - Encoder regularisation: the frozen 2D encoder E_i encodes psi(x) frame by frame; the 3D decoder
   must rebuild the whole video from those latents. (The official code crashes on this path.)
 - psi, the mapping from 1 + 4k frames to 1 + k latent-frame targets: `first`, `average`, `slice`,
@@ -88,7 +88,11 @@ class CVVAELoss(nn.Module):
     """Generator and discriminator losses; learned log-variances are its only parameters."""
 
     def __init__(self, config: LossConfig, *, lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 image_decoder: Decode2D | None = None, image_encoder: Encode2D | None = None, t: int = 4) -> None:
+                 image_decoder: Decode2D | None = None, image_encoder: Encode2D | None = None, t: int = 4,
+                 encoder_frozen: bool = False) -> None:
+        """`encoder_frozen`: only the decoder trains, so training steps skip the decoder regulariser (its
+        gradient reaches only the encoder and its own log-variance); evaluations without gradients still
+        report it."""
         super().__init__()
         c = self.config = config
         if c.mapping not in MAPPINGS:
@@ -101,7 +105,7 @@ class CVVAELoss(nn.Module):
             raise ConfigError("dec_reg_weight > 0 needs the frozen 2D image decoder")
         if c.enc_reg_weight > 0 and image_encoder is None:
             raise ConfigError("enc_reg_weight > 0 needs the frozen 2D image encoder")
-        self.discriminator, self.t = discriminator, t
+        self.discriminator, self.t, self.encoder_frozen = discriminator, t, encoder_frozen
         # Frozen helpers stay out of the module tree: no DDP sync, no optimizer, not in checkpoints.
         self.__dict__.update(lpips=lpips, image_decoder=image_decoder, image_encoder=image_encoder)
         for name in ("logvar", "logvar_2d", "logvar_enc"):
@@ -134,8 +138,7 @@ class CVVAELoss(nn.Module):
         total = nll + c.kl_weight * kl
         if c.dec_reg_weight > 0 or c.enc_reg_weight > 0:  # one draw of psi serves both regularisers
             target = psi(x, c.mapping, self.t, generator)
-        encoder_frozen = torch.is_grad_enabled() and not z.requires_grad
-        if c.dec_reg_weight > 0 and not encoder_frozen:  # a frozen encoder gets no gradient from it
+        if c.dec_reg_weight > 0 and not (self.encoder_frozen and torch.is_grad_enabled()):
             zt = z[:, :, : target.shape[2]]
             x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
             parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)

@@ -74,7 +74,8 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"yaml_false": "no"})
     gradient_checkpointing: bool = True
     # Train the decoder only: the latent space, and so its compatibility with the image VAE, stays as it is
-    # (how SD's ft-EMA/ft-MSE decoders were made). The decoder regulariser then has nothing to train: skipped.
+    # (how SD's ft-EMA/ft-MSE decoders were made). The decoder regulariser then has nothing to train: skipped
+    # in training steps (evaluations without gradients still report it).
     freeze_encoder: bool = False
     ema_decay: float | None = None
     disc_ndf: int = 64
@@ -121,6 +122,8 @@ def _build(cls, values: dict, where: str):
                 value = fields[name].metadata["yaml_false"]
             else:
                 raise ConfigError(f"{where}.{name} must be a string, got {value!r} (quote it)")
+        elif isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ConfigError(f"{where}.{name} must be a number, got {value!r}")
         elif float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                 value = float(value)
@@ -226,7 +229,7 @@ def build_loss(cfg: TrainConfig, model, vae2d) -> CVVAELoss:
             d = vae2d.encode(frames).latent_dist
             return torch.cat([d.mean, d.logvar], dim=1)
     return CVVAELoss(cfg.loss, lpips=lpips, discriminator=disc, image_decoder=decode_2d, image_encoder=encode_2d,
-                     t=model.temporal_compression_ratio)
+                     t=model.temporal_compression_ratio, encoder_frozen=cfg.freeze_encoder)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -364,6 +367,24 @@ def _check_ranks_agree(accelerator, model, out: Path) -> None:
             raise RuntimeError(f"ranks disagree after training: parameter checksums {sums}")
 
 
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """The settings that decide what a checkpoint holds (which parameters the optimizers track, whether
+    there is an EMA copy or a discriminator) must match the run's: else loading its state fails deep in torch."""
+    now = dataclasses.asdict(cfg)
+
+    def held(c: dict) -> dict:
+        loss = c.get("loss") or {}
+        disc = loss.get("disc_factor", 1.0) > 0 and loss.get("disc_weight", 0.5) > 0
+        return {"freeze_encoder": c.get("freeze_encoder", False), "EMA": bool(c.get("ema_decay")),
+                "discriminator": disc and (c.get("disc_ndf", 64), c.get("disc_layers", 4))}
+
+    before, after = held(saved), held(now)
+    changed = [f"{k} was {before[k]} and is {after[k]}" for k in before if before[k] != after[k]]
+    if changed:
+        raise ConfigError(f"cannot --resume {cfg.output_dir}: {'; '.join(changed)} (its checkpoints hold a different "
+                          "optimizer state); set it back, or train into a new output_dir with init=<its weights>")
+
+
 # ------------------------------------------------------------------------------------------ loop
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     """Train; returns the folder of the final weights (loadable with CVVAE.from_pretrained), or of
@@ -376,6 +397,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed, device_specific=True)
     out = Path(cfg.output_dir)
+    if resume and _checkpoints(out) and (out / "config.yaml").is_file():
+        _check_resumable(yaml.safe_load((out / "config.yaml").read_text()) or {}, cfg)
+    accelerator.wait_for_everyone()  # every rank has read the old config.yaml before it is rewritten
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
