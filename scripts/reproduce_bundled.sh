@@ -2,7 +2,7 @@
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
-#                                [decoder] [crops] [fullres] [fullres2] [ship]        (no argument: all)
+#                                [decoder] [crops] [fullres] [fullres2] [joint256] [ship]        (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
@@ -12,8 +12,9 @@
 # (image VAE +3000 steps at a quarter of the LR, CV-VAE +2400). decoder: round 5, the round-4 decoder
 # alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
 # crops: round 6, the decoder alone once more on 128-px crops. fullres: round 7, the decoder alone on 256-px
-# crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. ship: copies round 8 (and
-# its image VAE, round 4's) into cvvae/assets/bundled.
+# crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. joint256: round 9, encoder
+# and decoder together on 256-px crops. ship: copies round 9 (and its image VAE, round 4's) into
+# cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -26,7 +27,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                ship)
+                                joint256 ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -154,9 +155,16 @@ for stage in "${STAGES[@]}"; do
                 "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 \
                 data.image_batch=2 steps=600 optim.lr=5e-5 seed=1
             eval_shipped "$RUNS/c16-3d-r8/final" "$r7_vae2d" "$RUNS/eval-shipped-r8" ;;
+        joint256)  # round 9: encoder and decoder together on 256-px crops, from round 8 (the latents move)
+            r8_vae2d="$RUNS/c16-2d-r3/vae2d"
+            [[ -f "$r8_vae2d/config.json" ]] || r8_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d"
+            train "$RUNS/c16-3d-r9" configs/bundled-3d.yaml image_vae="$r8_vae2d" init="$RUNS/c16-3d-r8/final" \
+                "${SHIPPED[@]}" loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=300 \
+                optim.lr=5e-5 seed=2
+            eval_shipped "$RUNS/c16-3d-r9/final" "$r8_vae2d" "$RUNS/eval-shipped-r9" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r8/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r9/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d
@@ -165,6 +173,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, ship)" >&2; exit 2 ;;
     esac
 done
