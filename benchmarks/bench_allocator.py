@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -22,6 +21,8 @@ import sys
 import time
 
 import torch
+
+from cvvae.allocator import untuned_environ
 
 
 def worker(job: str, keep: bool, size: int, frames: int, steps: int) -> dict:
@@ -79,8 +80,7 @@ def main() -> None:
     for job in ("train", "infer"):
         base = None
         for alloc in ("default", "keep"):
-            # a clean environment for the child: no MALLOC_* variables, so "default" is glibc's default
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "CVVAE_ALLOC"))}
+            env = untuned_environ()  # so "default" is glibc's default and "keep" is not vetoed
             out = subprocess.run([sys.executable, __file__, "--size", str(args.size), "--frames", str(args.frames),
                                   "--steps", str(args.steps), "--worker", job, alloc],
                                  env=env, check=True, capture_output=True, text=True).stdout

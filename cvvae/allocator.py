@@ -28,6 +28,13 @@ _MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRES
 OPT_OUT_VAR = "CVVAE_ALLOCATOR"  # set to "system" to keep the C library's defaults
 
 
+def untuned_environ() -> dict[str, str]:
+    """os.environ without the variables `keep_freed_memory` defers to: a child process started with it has
+    glibc's default malloc settings, and `keep_freed_memory` takes effect there (benchmarks, tests)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in (*_MALLOC_VARS, OPT_OUT_VAR) and not (k == "GLIBC_TUNABLES" and "glibc.malloc." in v)}
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in its heap (no per-block mmap, no trimming); True if applied.
 

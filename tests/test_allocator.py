@@ -35,8 +35,8 @@ print(json.dumps({"applied": applied, "faults": sum(faults[2:])}))
 
 
 def _probe(mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "CVVAE_ALLOC"))}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=allocator.untuned_environ(), check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -208,6 +208,10 @@ def build_models(cfg: TrainConfig):
     return model.train(), vae2d
 
 
+def _has_discriminator(cfg: TrainConfig) -> bool:
+    return cfg.loss.disc_factor > 0 and cfg.loss.disc_weight > 0
+
+
 def build_loss(cfg: TrainConfig, model, vae2d) -> CVVAELoss:
     from .discriminator import NLayerDiscriminator3D
 
@@ -217,7 +221,7 @@ def build_loss(cfg: TrainConfig, model, vae2d) -> CVVAELoss:
 
         lpips = LPIPS(cfg.lpips_vgg16)
     disc = None
-    if cfg.loss.disc_factor > 0 and cfg.loss.disc_weight > 0:
+    if _has_discriminator(cfg):
         disc = NLayerDiscriminator3D(ndf=cfg.disc_ndf, n_layers=cfg.disc_layers,
                                      norm_groups=min(32, cfg.disc_ndf))
     decode_2d = encode_2d = None
@@ -370,15 +374,11 @@ def _check_ranks_agree(accelerator, model, out: Path) -> None:
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     """The settings that decide what a checkpoint holds (which parameters the optimizers track, whether
     there is an EMA copy or a discriminator) must match the run's: else loading its state fails deep in torch."""
-    now = dataclasses.asdict(cfg)
+    def held(c: TrainConfig) -> dict:
+        return {"freeze_encoder": c.freeze_encoder, "EMA": bool(c.ema_decay),
+                "discriminator": _has_discriminator(c) and (c.disc_ndf, c.disc_layers)}
 
-    def held(c: dict) -> dict:
-        loss = c.get("loss") or {}
-        disc = loss.get("disc_factor", 1.0) > 0 and loss.get("disc_weight", 0.5) > 0
-        return {"freeze_encoder": c.get("freeze_encoder", False), "EMA": bool(c.get("ema_decay")),
-                "discriminator": disc and (c.get("disc_ndf", 64), c.get("disc_layers", 4))}
-
-    before, after = held(saved), held(now)
+    before, after = held(_build(TrainConfig, saved, "config")), held(cfg)
     changed = [f"{k} was {before[k]} and is {after[k]}" for k in before if before[k] != after[k]]
     if changed:
         raise ConfigError(f"cannot --resume {cfg.output_dir}: {'; '.join(changed)} (its checkpoints hold a different "
