@@ -2,7 +2,8 @@
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
-#                                [decoder] [crops] [fullres] [fullres2] [joint256] [ship]        (no argument: all)
+#                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [ship]
+#                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
@@ -13,8 +14,9 @@
 # alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
 # crops: round 6, the decoder alone once more on 128-px crops. fullres: round 7, the decoder alone on 256-px
 # crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. joint256: round 9, encoder
-# and decoder together on 256-px crops. ship: copies round 9 (and its image VAE, round 4's) into
-# cvvae/assets/bundled.
+# and decoder together on 256-px crops (what ships); joint256b: round 10, round 9 continued at twice its LR
+# with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). ship:
+# copies round 9 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -27,7 +29,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 ship)
+                                joint256 joint256b ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -47,6 +49,8 @@ SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random)
 ROUND1_COMMIT=7c2d432941841fbfc9ce5656740080b70cc687e9
 # Likewise round 6 and its image VAE for the stage `fullres`: the fp16 copies shipped at commit e0ca0b7.
 ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
+# And round 9 (with round 4's image VAE) for the stage `joint256b`: the fp16 copies shipped at commit b2d56be.
+ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
     "$CVVAE" eval --weights "$1" --name shipped --image-vae "$2" --videos "$SPLITS/heldout/videos" \
@@ -162,6 +166,16 @@ for stage in "${STAGES[@]}"; do
                 "${SHIPPED[@]}" loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=300 \
                 optim.lr=5e-5 seed=2
             eval_shipped "$RUNS/c16-3d-r9/final" "$r8_vae2d" "$RUNS/eval-shipped-r9" ;;
+        joint256b)  # round 10: round 9 continued jointly on 256-px crops at twice its LR, EMA of the weights
+            r9_vae2d="$RUNS/c16-2d-r3/vae2d" r9_cvvae="$RUNS/c16-3d-r9/final"
+            if [[ ! -f "$r9_cvvae/config.json" ]]; then
+                from_git "$ROUND9_COMMIT" round9 joint256
+                r9_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d" r9_cvvae="$RUNS/round9/cvvae/assets/bundled/cvvae"
+            fi
+            train "$RUNS/c16-3d-r10" configs/bundled-3d.yaml image_vae="$r9_vae2d" init="$r9_cvvae" "${SHIPPED[@]}" \
+                loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=400 optim.lr=1e-4 \
+                ema_decay=0.995 seed=3 save_every=50
+            eval_shipped "$RUNS/c16-3d-r10/final" "$r9_vae2d" "$RUNS/eval-shipped-r10" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
             "$CVVAE" convert "$RUNS/c16-3d-r9/final" -o cvvae/assets/bundled/cvvae --dtype fp16
@@ -173,6 +187,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, ship)" >&2; exit 2 ;;
     esac
 done

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from cvvae.io.files import publish
 from cvvae.io.video import read_frames, to_tensor
 
 
@@ -39,7 +40,9 @@ def main() -> None:
     scale = measure(videos, AutoencoderKL.from_pretrained(image_vae, torch_dtype=torch.float32).eval())
     for folder in (image_vae, *others):
         path = folder / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "scaling_factor": scale}, indent=2) + "\n")
+        tmp = path.with_name(".config.json.partial")  # renamed into place: never a half-written config
+        tmp.write_text(json.dumps({**json.loads(path.read_text()), "scaling_factor": scale}, indent=2) + "\n")
+        publish(tmp, path)
     print(f"scaling_factor {scale}")
 
 
