@@ -288,6 +288,7 @@ def _model_summary(model) -> dict:
                (16, "replicate"): "SD3-compatible (16 latent channels)"}.get((cfg.z_channels, cfg.padding_mode), "custom")
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     return dict(variant=variant, latent_channels=cfg.z_channels, block_out_channels=list(cfg.block_out_channels),
+                res_blocks_per_level=cfg.num_res_blocks,
                 parameters=sum(p.numel() for p in model.parameters()),
                 encoder_parameters=sum(p.numel() for p in model.encoder.parameters()),
                 decoder_parameters=sum(p.numel() for p in model.decoder.parameters()),
@@ -338,6 +339,10 @@ def cmd_convert(args) -> None:
 
     model = CVVAE.from_pretrained(args.input, subfolder=args.subfolder,
                                   torch_dtype=DTYPES[args.dtype] if args.dtype else None)
+    if args.num_res_blocks is not None:
+        from .model.grow import deepen
+
+        model = deepen(model, args.num_res_blocks)
     _save_model_dir(model, args.output)
     summary = _model_summary(model)
     _report(args, dict(output=str(args.output), **summary),
@@ -464,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--subfolder", help="subfolder of the input")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype")
+    p.add_argument("--num-res-blocks", type=int, metavar="N",
+                   help="grow to N ResBlocks per level: the new blocks start as the identity (zero conv2), so the "
+                   "output is unchanged until training; capacity for a trained model without a restart")
     p.set_defaults(func=cmd_convert)
 
     from .data import latents

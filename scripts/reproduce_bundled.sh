@@ -2,7 +2,8 @@
 # Reproduce the bundled CV-VAE and its ablation (docs/reproduction.md) on a CPU, stage by stage.
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
-#                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [ship]
+#                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
+#                                [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -14,9 +15,10 @@
 # alone +3000 steps with a squared error (the latents, so the compatibility figures, stay as they are).
 # crops: round 6, the decoder alone once more on 128-px crops. fullres: round 7, the decoder alone on 256-px
 # crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. joint256: round 9, encoder
-# and decoder together on 256-px crops (what ships); joint256b: round 10, round 9 continued at twice its LR
-# with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). ship:
-# copies round 9 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# and decoder together on 256-px crops; joint256b: round 10, round 9 continued at twice its LR
+# with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). deeper:
+# round 11 (what ships), round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring
+# last frames. ship: copies round 11 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -29,7 +31,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b ship)
+                                joint256 joint256b deeper ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -49,7 +51,7 @@ SHIPPED=(loss.dec_reg_weight=1 loss.enc_reg_weight=0 loss.mapping=random)
 ROUND1_COMMIT=7c2d432941841fbfc9ce5656740080b70cc687e9
 # Likewise round 6 and its image VAE for the stage `fullres`: the fp16 copies shipped at commit e0ca0b7.
 ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
-# And round 9 (with round 4's image VAE) for the stage `joint256b`: the fp16 copies shipped at commit b2d56be.
+# And round 9 (with round 4's image VAE) for the stages `joint256b` and `deeper`: the fp16 copies shipped at commit b2d56be.
 ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
@@ -176,9 +178,22 @@ for stage in "${STAGES[@]}"; do
                 loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=400 optim.lr=1e-4 \
                 ema_decay=0.995 seed=3 save_every=50
             eval_shipped "$RUNS/c16-3d-r10/final" "$r9_vae2d" "$RUNS/eval-shipped-r10" ;;
+        deeper)  # round 11: round 9 grown to 2 ResBlocks per level (each new one starts as the identity), then
+                 # trained jointly on 128-px crops with random psi drawing each group's last frame 2:1
+            r9_vae2d="$RUNS/c16-2d-r3/vae2d" r9_cvvae="$RUNS/c16-3d-r9/final"
+            if [[ ! -f "$r9_cvvae/config.json" ]]; then
+                [[ -f "$RUNS/round9/cvvae/assets/bundled/cvvae/config.json" ]] || from_git "$ROUND9_COMMIT" round9 joint256
+                r9_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d" r9_cvvae="$RUNS/round9/cvvae/assets/bundled/cvvae"
+            fi
+            [[ -f "$RUNS/c16-3d-r11-init/config.json" ]] ||
+                "$CVVAE" convert "$r9_cvvae" -o "$RUNS/c16-3d-r11-init" --num-res-blocks 2 --dtype fp32
+            train "$RUNS/c16-3d-r11" configs/bundled-3d.yaml image_vae="$r9_vae2d" init="$RUNS/c16-3d-r11-init" \
+                "${SHIPPED[@]}" loss.random_frame_weights=[1,1,1,2] loss.pixel_loss=l2 data.crop=128 \
+                data.video_batch=1 data.image_batch=2 steps=800 optim.lr=1e-4 seed=4 save_every=100
+            eval_shipped "$RUNS/c16-3d-r11/final" "$r9_vae2d" "$RUNS/eval-shipped-r11" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r9/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r11/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d
@@ -187,6 +202,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, ship)" >&2; exit 2 ;;
     esac
 done

@@ -130,6 +130,13 @@ def test_inflate_convert_info(tmp_path, capsys):
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     code, out, _ = run(capsys, "info", tmp_path / "converted")
     assert "spatial compression: 8" in out
+    assert run(capsys, "convert", tmp_path / "converted", "-o", tmp_path / "deeper", "--num-res-blocks", "2",
+               "-q")[0] == 0  # grown: identity blocks added (tests/test_grow.py checks the model itself)
+    deeper = CVVAE.from_pretrained(tmp_path / "deeper")
+    assert deeper.config.num_res_blocks == 2
+    with torch.no_grad():
+        v = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+        assert torch.equal(deeper(v).sample, model(v).sample)
     umask = os.umask(0)
     os.umask(umask)  # written folders get the modes of a plain mkdir/open, not mkdtemp's private ones
     assert stat.S_IMODE((tmp_path / "converted").stat().st_mode) == 0o777 & ~umask

@@ -42,6 +42,18 @@ def test_psi_random_is_per_sample_and_in_its_group():
     assert torch.equal(x, ramp(B=64, k=3))  # input untouched
 
 
+def test_psi_random_frame_weights():
+    x, g = ramp(B=400, k=2), torch.Generator().manual_seed(0)
+    assert torch.equal(psi(x, "random", generator=g, frame_weights=(0, 0, 0, 1)), psi(x, "slice"))
+    assert psi(x, "random", generator=g, frame_weights=(1, 0, 0, 0))[0, 0, :, 0, 0].tolist() == [0.0, 1.0, 5.0]
+    out = psi(x, "random", generator=g, frame_weights=(1, 1, 1, 3))[:, 0, 1:, 0, 0]  # (B, 2)
+    share = (out == torch.tensor([4.0, 8.0])).double().mean().item()  # last frame: odds 3 of 6
+    assert 0.45 < share < 0.55 and len(set(out[:, 0].tolist())) == 4
+    for bad in ((1, 1, 1), (1, 1, -1, 1), (0, 0, 0, 0)):
+        with pytest.raises(ConfigError, match="random_frame_weights"):
+            CVVAELoss(LossConfig(perceptual_weight=0, dec_reg_weight=0, random_frame_weights=bad))
+
+
 def test_hinge_and_adaptive_weight():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))

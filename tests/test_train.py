@@ -45,8 +45,10 @@ def metrics(run):
 
 
 def test_config_overrides_and_errors(tmp_path):
-    cfg = load_config("configs/tiny.yaml", ["loss.mapping=slice", "optim.lr=1e-4", "data.stride=[2, 3]"])
+    cfg = load_config("configs/tiny.yaml", ["loss.mapping=slice", "optim.lr=1e-4", "data.stride=[2, 3]",
+                                            "loss.random_frame_weights=[1, 1, 1, 2]"])
     assert cfg.loss.mapping == "slice" and cfg.optim.lr == 1e-4 and cfg.data.stride == (2, 3)
+    assert cfg.loss.random_frame_weights == (1, 1, 1, 2)
     for path in ("configs/sd21.yaml", "configs/sd3.yaml"):
         assert load_config(path).loss.dec_reg_weight == 1.0
     with pytest.raises(ConfigError, match="unknown loss keys"):

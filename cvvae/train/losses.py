@@ -12,7 +12,8 @@
 - Encoder regularisation: the frozen 2D encoder E_i encodes psi(x) frame by frame; the 3D decoder
   must rebuild the whole video from those latents. (The official code crashes on this path.)
 - psi, the mapping from 1 + 4k frames to 1 + k latent-frame targets: `first`, `average`, `slice`,
-  `random` (a random frame per group of 4, drawn per sample; the official code draws once per batch).
+  `random` (a random frame per group of 4, drawn per sample; the official code draws once per batch; optional
+  per-frame odds, `random_frame_weights`).
 - Adaptive GAN weight ||grad NLL|| / (||grad G|| + 1e-4) on the decoder's last layer, from `disc_start` on.
 """
 
@@ -34,12 +35,14 @@ MAPPINGS = ("first", "average", "slice", "random")
 PIXEL_LOSSES = ("l1", "l2")
 
 
-def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | None = None,
+        frame_weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """Latent-frame targets of a video (B, C, 1+t*k, H, W): (B, C, 1+k, H, W) (1 frame for `first`).
 
     Frame 0 always maps to latent 0; group j (frames t*j+1 .. t*j+t) maps to latent j+1 through:
     average -> the group mean; slice -> its last frame (frames 0, t, 2t, ... as released);
-    random -> one of its frames, drawn independently for every sample; first -> no target.
+    random -> one of its frames, drawn independently for every sample and group (uniformly, or in proportion to
+    `frame_weights`, one weight per frame of a group); first -> no target.
     """
     B, C, T, H, W = x.shape
     if (T - 1) % t:
@@ -52,8 +55,14 @@ def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | 
     elif mapping == "slice":
         rest = groups[:, :, :, -1]
     elif mapping == "random":
-        pick = torch.randint(0, t, (B, groups.shape[2]), generator=generator, device="cpu").to(x.device)
-        index = pick[:, None, :, None, None, None].expand(B, C, groups.shape[2], 1, H, W)
+        k = groups.shape[2]
+        if frame_weights is None:
+            pick = torch.randint(0, t, (B, k), generator=generator, device="cpu")
+        else:
+            probs = torch.tensor(frame_weights, dtype=torch.float64).expand(B * k, t)
+            pick = torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, k)
+        pick = pick.to(x.device)
+        index = pick[:, None, :, None, None, None].expand(B, C, k, 1, H, W)
         rest = groups.gather(3, index).squeeze(3)
     else:
         raise ConfigError(f"unknown mapping {mapping!r}; use one of {MAPPINGS}")
@@ -77,6 +86,9 @@ class LossConfig:
     enc_reg_weight: float = 0.0  # lambda_2: encoder regularisation
     reg_perceptual_weight: float = 0.0  # LPIPS on the regularisation target too (the official uses L1 only)
     mapping: str = "random"
+    # mapping random: relative odds of each frame of a group (t of them) being the target; None = uniform (paper).
+    # Odds that favour the last frame move the latent from the group mean toward what `slice` measures.
+    random_frame_weights: tuple[float, ...] | None = None
     pixel_loss: str = "l1"  # "l1" (official) or "l2" (squared error: fine-tunes for PSNR, as SD's ft-MSE decoder)
 
 
@@ -99,6 +111,9 @@ class CVVAELoss(nn.Module):
             raise ConfigError(f"unknown mapping {c.mapping!r}; use one of {MAPPINGS}")
         if (c.perceptual_weight > 0 or c.reg_perceptual_weight > 0) and lpips is None:
             raise ConfigError("perceptual_weight > 0 needs LPIPS weights (see cvvae.train.lpips); or set it to 0")
+        w = c.random_frame_weights
+        if w is not None and (len(w) != t or min(w) < 0 or sum(w) <= 0):
+            raise ConfigError(f"random_frame_weights needs {t} non-negative weights, not all zero; got {list(w)}")
         if c.pixel_loss not in PIXEL_LOSSES:
             raise ConfigError(f"unknown pixel_loss {c.pixel_loss!r}; use one of {PIXEL_LOSSES}")
         if c.dec_reg_weight > 0 and image_decoder is None:
@@ -137,7 +152,7 @@ class CVVAELoss(nn.Module):
         parts = {"nll": nll, "kl": kl, "logvar": self.logvar.detach()}
         total = nll + c.kl_weight * kl
         if c.dec_reg_weight > 0 or c.enc_reg_weight > 0:  # one draw of psi serves both regularisers
-            target = psi(x, c.mapping, self.t, generator)
+            target = psi(x, c.mapping, self.t, generator, c.random_frame_weights)
         if c.dec_reg_weight > 0 and not (self.encoder_frozen and torch.is_grad_enabled()):
             zt = z[:, :, : target.shape[2]]
             x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
