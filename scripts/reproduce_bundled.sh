@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [ship]
+#                                [deeper256] [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -17,8 +17,9 @@
 # crops, the evaluation's size; fullres2: round 8, the same continued at half the LR. joint256: round 9, encoder
 # and decoder together on 256-px crops; joint256b: round 10, round 9 continued at twice its LR
 # with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). deeper:
-# round 11 (what ships), round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring
-# last frames. ship: copies round 11 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# round 11, round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring last frames.
+# deeper256: round 12 (what ships), the round-11 decoder alone on 256-px crops. ship: copies round 12 (and its
+# image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -31,7 +32,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper ship)
+                                joint256 joint256b deeper deeper256 ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -53,6 +54,8 @@ ROUND1_COMMIT=7c2d432941841fbfc9ce5656740080b70cc687e9
 ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
 # And round 9 (with round 4's image VAE) for the stages `joint256b` and `deeper`: the fp16 copies shipped at commit b2d56be.
 ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
+# And round 11 for the stage `deeper256`: the fp16 copies shipped at commit a3add57.
+ROUND11_COMMIT=a3add571a4a0ef14d9a521dd6ada5c649a7186b1
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
     "$CVVAE" eval --weights "$1" --name shipped --image-vae "$2" --videos "$SPLITS/heldout/videos" \
@@ -191,9 +194,20 @@ for stage in "${STAGES[@]}"; do
                 "${SHIPPED[@]}" loss.random_frame_weights=[1,1,1,2] loss.pixel_loss=l2 data.crop=128 \
                 data.video_batch=1 data.image_batch=2 steps=800 optim.lr=1e-4 seed=4 save_every=100
             eval_shipped "$RUNS/c16-3d-r11/final" "$r9_vae2d" "$RUNS/eval-shipped-r11" ;;
+        deeper256)  # round 12: the round-11 decoder alone on 256-px crops (latents, so compatibility, unchanged)
+            r11_vae2d="$RUNS/c16-2d-r3/vae2d" r11_cvvae="$RUNS/c16-3d-r11/final"
+            [[ -f "$r11_vae2d/config.json" ]] || r11_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d"
+            if [[ ! -f "$r11_cvvae/config.json" ]]; then
+                [[ -f "$RUNS/round11/cvvae/assets/bundled/cvvae/config.json" ]] || from_git "$ROUND11_COMMIT" round11 deeper
+                r11_vae2d="$RUNS/round11/cvvae/assets/bundled/vae2d" r11_cvvae="$RUNS/round11/cvvae/assets/bundled/cvvae"
+            fi
+            train "$RUNS/c16-3d-r12" configs/bundled-3d.yaml image_vae="$r11_vae2d" init="$r11_cvvae" "${SHIPPED[@]}" \
+                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
+                steps=200 optim.lr=1e-4 seed=5 save_every=50
+            eval_shipped "$RUNS/c16-3d-r12/final" "$r11_vae2d" "$RUNS/eval-shipped-r12" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r11/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r12/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d
@@ -202,6 +216,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, deeper, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, ship)" >&2; exit 2 ;;
     esac
 done
