@@ -71,6 +71,16 @@ from_git() {  # COMMIT NAME STAGE: the bundled pair as committed at COMMIT, into
     git archive "$1" cvvae/assets/bundled | tar -x -C "$RUNS/$2"
 }
 
+pair_or_git() {  # CVVAE VAE2D COMMIT NAME STAGE: sets CV and V2D to these fp32 runs where they are here, else to
+                 # the fp16 copies committed at COMMIT (extracted into $RUNS/NAME once)
+    CV="$1" V2D="$2"
+    local copy="$RUNS/$4/cvvae/assets/bundled"
+    [[ -f "$CV/config.json" && -f "$V2D/config.json" ]] && return
+    [[ -f "$copy/cvvae/config.json" ]] || from_git "$3" "$4" "$5"
+    [[ -f "$CV/config.json" ]] || CV="$copy/cvvae"
+    [[ -f "$V2D/config.json" ]] || V2D="$copy/vae2d"
+}
+
 train() {  # output_dir config overrides...: train, or continue an interrupted run
     local out="$1"; shift
     if [[ -f "$out/final/config.json" ]]; then echo "done already: $out/final"; return; fi
@@ -172,22 +182,16 @@ for stage in "${STAGES[@]}"; do
                 optim.lr=5e-5 seed=2
             eval_shipped "$RUNS/c16-3d-r9/final" "$r8_vae2d" "$RUNS/eval-shipped-r9" ;;
         joint256b)  # round 10: round 9 continued jointly on 256-px crops at twice its LR, EMA of the weights
-            r9_vae2d="$RUNS/c16-2d-r3/vae2d" r9_cvvae="$RUNS/c16-3d-r9/final"
-            if [[ ! -f "$r9_cvvae/config.json" ]]; then
-                from_git "$ROUND9_COMMIT" round9 joint256
-                r9_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d" r9_cvvae="$RUNS/round9/cvvae/assets/bundled/cvvae"
-            fi
+            pair_or_git "$RUNS/c16-3d-r9/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND9_COMMIT" round9 joint256
+            r9_cvvae="$CV" r9_vae2d="$V2D"
             train "$RUNS/c16-3d-r10" configs/bundled-3d.yaml image_vae="$r9_vae2d" init="$r9_cvvae" "${SHIPPED[@]}" \
                 loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=400 optim.lr=1e-4 \
                 ema_decay=0.995 seed=3 save_every=50
             eval_shipped "$RUNS/c16-3d-r10/final" "$r9_vae2d" "$RUNS/eval-shipped-r10" ;;
         deeper)  # round 11: round 9 grown to 2 ResBlocks per level (each new one starts as the identity), then
                  # trained jointly on 128-px crops with random psi drawing each group's last frame 2:1
-            r9_vae2d="$RUNS/c16-2d-r3/vae2d" r9_cvvae="$RUNS/c16-3d-r9/final"
-            if [[ ! -f "$r9_cvvae/config.json" ]]; then
-                [[ -f "$RUNS/round9/cvvae/assets/bundled/cvvae/config.json" ]] || from_git "$ROUND9_COMMIT" round9 joint256
-                r9_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d" r9_cvvae="$RUNS/round9/cvvae/assets/bundled/cvvae"
-            fi
+            pair_or_git "$RUNS/c16-3d-r9/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND9_COMMIT" round9 joint256
+            r9_cvvae="$CV" r9_vae2d="$V2D"
             [[ -f "$RUNS/c16-3d-r11-init/config.json" ]] ||
                 "$CVVAE" convert "$r9_cvvae" -o "$RUNS/c16-3d-r11-init" --num-res-blocks 2 --dtype fp32
             train "$RUNS/c16-3d-r11" configs/bundled-3d.yaml image_vae="$r9_vae2d" init="$RUNS/c16-3d-r11-init" \
@@ -195,12 +199,8 @@ for stage in "${STAGES[@]}"; do
                 data.video_batch=1 data.image_batch=2 steps=800 optim.lr=1e-4 seed=4 save_every=100
             eval_shipped "$RUNS/c16-3d-r11/final" "$r9_vae2d" "$RUNS/eval-shipped-r11" ;;
         deeper256)  # round 12: the round-11 decoder alone on 256-px crops (latents, so compatibility, unchanged)
-            r11_vae2d="$RUNS/c16-2d-r3/vae2d" r11_cvvae="$RUNS/c16-3d-r11/final"
-            [[ -f "$r11_vae2d/config.json" ]] || r11_vae2d="$RUNS/round9/cvvae/assets/bundled/vae2d"
-            if [[ ! -f "$r11_cvvae/config.json" ]]; then
-                [[ -f "$RUNS/round11/cvvae/assets/bundled/cvvae/config.json" ]] || from_git "$ROUND11_COMMIT" round11 deeper
-                r11_vae2d="$RUNS/round11/cvvae/assets/bundled/vae2d" r11_cvvae="$RUNS/round11/cvvae/assets/bundled/cvvae"
-            fi
+            pair_or_git "$RUNS/c16-3d-r11/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND11_COMMIT" round11 deeper
+            r11_cvvae="$CV" r11_vae2d="$V2D"
             train "$RUNS/c16-3d-r12" configs/bundled-3d.yaml image_vae="$r11_vae2d" init="$r11_cvvae" "${SHIPPED[@]}" \
                 freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
                 steps=200 optim.lr=1e-4 seed=5 save_every=50
