@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [deeper256] [ship]
+#                                [deeper256] [deeper256b] [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -18,8 +18,9 @@
 # and decoder together on 256-px crops; joint256b: round 10, round 9 continued at twice its LR
 # with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). deeper:
 # round 11, round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring last frames.
-# deeper256: round 12 (what ships), the round-11 decoder alone on 256-px crops. ship: copies round 12 (and its
-# image VAE, round 4's) into cvvae/assets/bundled.
+# deeper256: round 12 (what ships), the round-11 decoder alone on 256-px crops. deeper256b: round 13, the
+# round-12 decoder alone once more, longer at half the LR (measured, not shipped: no gain). ship: copies
+# round 12 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -32,7 +33,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper deeper256 ship)
+                                joint256 joint256b deeper deeper256 deeper256b ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -56,6 +57,8 @@ ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
 ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
 # And round 11 for the stage `deeper256`: the fp16 copies shipped at commit a3add57.
 ROUND11_COMMIT=a3add571a4a0ef14d9a521dd6ada5c649a7186b1
+# And round 12 for the stage `deeper256b`: the fp16 copies shipped at commit 995012f.
+ROUND12_COMMIT=995012fc8fce4608e99b8f83c39d50654d2a3195
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
     "$CVVAE" eval --weights "$1" --name shipped --image-vae "$2" --videos "$SPLITS/heldout/videos" \
@@ -205,6 +208,13 @@ for stage in "${STAGES[@]}"; do
                 freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
                 steps=200 optim.lr=1e-4 seed=5 save_every=50
             eval_shipped "$RUNS/c16-3d-r12/final" "$r11_vae2d" "$RUNS/eval-shipped-r12" ;;
+        deeper256b)  # round 13 (not shipped): the round-12 decoder alone, 400 more steps at half the LR
+            pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
+            r12_cvvae="$CV" r12_vae2d="$V2D"
+            train "$RUNS/c16-3d-r13" configs/bundled-3d.yaml image_vae="$r12_vae2d" init="$r12_cvvae" "${SHIPPED[@]}" \
+                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
+                steps=400 optim.lr=5e-5 seed=6 save_every=50
+            eval_shipped "$RUNS/c16-3d-r13/final" "$r12_vae2d" "$RUNS/eval-shipped-r13" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
             "$CVVAE" convert "$RUNS/c16-3d-r12/final" -o cvvae/assets/bundled/cvvae --dtype fp16
@@ -216,6 +226,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, ship)" >&2; exit 2 ;;
     esac
 done
