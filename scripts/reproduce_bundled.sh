@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [deeper256] [deeper256b] [ship]
+#                                [deeper256] [deeper256b] [joint256c] [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -19,8 +19,9 @@
 # with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). deeper:
 # round 11, round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring last frames.
 # deeper256: round 12 (what ships), the round-11 decoder alone on 256-px crops. deeper256b: round 13, the
-# round-12 decoder alone once more, longer at half the LR (measured, not shipped: no gain). ship: copies
-# round 12 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# round-12 decoder alone once more, longer at half the LR (measured, not shipped: no gain). joint256c:
+# round 14, the round-12 model, encoder and decoder together on 256-px crops (in training; results pending in
+# docs/reproduction.md). ship: copies round 12 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -33,7 +34,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper deeper256 deeper256b ship)
+                                joint256 joint256b deeper deeper256 deeper256b joint256c ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -215,6 +216,14 @@ for stage in "${STAGES[@]}"; do
                 freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
                 steps=400 optim.lr=5e-5 seed=6 save_every=50
             eval_shipped "$RUNS/c16-3d-r13/final" "$r12_vae2d" "$RUNS/eval-shipped-r13" ;;
+        joint256c)  # round 14: the round-12 model, encoder and decoder, on 256-px crops (the latents move);
+                    # psi_random keeps round 11's frame weights so psi_slice keeps its room
+            pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
+            r12_cvvae="$CV" r12_vae2d="$V2D"
+            train "$RUNS/c16-3d-r14" configs/bundled-3d.yaml image_vae="$r12_vae2d" init="$r12_cvvae" "${SHIPPED[@]}" \
+                loss.random_frame_weights=[1,1,1,2] loss.pixel_loss=l2 data.crop=256 data.video_batch=1 \
+                data.image_batch=2 steps=300 optim.lr=5e-5 seed=7 save_every=25
+            eval_shipped "$RUNS/c16-3d-r14/final" "$r12_vae2d" "$RUNS/eval-shipped-r14" ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
             "$CVVAE" convert "$RUNS/c16-3d-r12/final" -o cvvae/assets/bundled/cvvae --dtype fp16
@@ -226,6 +235,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, ship)" >&2; exit 2 ;;
     esac
 done
