@@ -1,7 +1,7 @@
 """The small CV-VAE that ships with the package: a real, offline default, not the released model.
 
 It was trained on this project's CPU with the project's own trainer, on the sample media of
-``scripts/get_sample_media.sh`` (six short videos and six photos, 256-px frames, 64-px crops):
+``scripts/get_sample_media.sh`` (six short videos and six photos, 256-px frames, crops of 64 to 256 px):
 first a small SD-architecture image VAE, then that VAE inflated to a CV-VAE and trained on clips
 with decoder latent regularisation through it. It shows the method end to end and reconstructs
 real video, but it has seen a few hundred frames of a few scenes: use the released weights

@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [deeper256] [deeper256b] [joint256c] [ship]
+#                                [deeper256] [deeper256b] [joint256c] [deeper256c] [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -18,10 +18,11 @@
 # and decoder together on 256-px crops; joint256b: round 10, round 9 continued at twice its LR
 # with an exponential moving average of the weights (measured, not shipped: docs/reproduction.md). deeper:
 # round 11, round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring last frames.
-# deeper256: round 12 (what ships), the round-11 decoder alone on 256-px crops. deeper256b: round 13, the
-# round-12 decoder alone once more, longer at half the LR (measured, not shipped: no gain). joint256c:
-# round 14, the round-12 model, encoder and decoder together on 256-px crops (in training; results pending in
-# docs/reproduction.md). ship: copies round 12 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# deeper256: round 12, the round-11 decoder alone on 256-px crops. deeper256b: round 13, the round-12
+# decoder alone once more, longer at half the LR (measured, not shipped: no gain). joint256c: round 14, the
+# round-12 model, encoder and decoder together on 256-px crops (what ships). deeper256c: round 15, the
+# round-14 decoder alone on 256-px crops (measured, not shipped: -0.01 dB). ship: copies round 14 (and its
+# image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -34,7 +35,7 @@ RUNS="${RUNS:-runs}"
 SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper deeper256 deeper256b joint256c ship)
+                                joint256 joint256b deeper deeper256 deeper256b joint256c deeper256c ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -58,7 +59,7 @@ ROUND6_COMMIT=e0ca0b74a3da55e388254bcdb744b0db47becf68
 ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
 # And round 11 for the stage `deeper256`: the fp16 copies shipped at commit a3add57.
 ROUND11_COMMIT=a3add571a4a0ef14d9a521dd6ada5c649a7186b1
-# And round 12 for the stage `deeper256b`: the fp16 copies shipped at commit 995012f.
+# And round 12 for the stages `deeper256b` and `joint256c`: the fp16 copies shipped at commit 995012f.
 ROUND12_COMMIT=995012fc8fce4608e99b8f83c39d50654d2a3195
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
@@ -90,6 +91,14 @@ train() {  # output_dir config overrides...: train, or continue an interrupted r
     if [[ -f "$out/final/config.json" ]]; then echo "done already: $out/final"; return; fi
     local resume=(); [[ -d "$out/checkpoints" ]] && resume=(--resume)
     "$CVVAE" train "$@" output_dir="$out" "${resume[@]}"
+}
+
+round256() {  # OUT INIT VAE2D REPORT OVERRIDES...: a round on 256-px crops (the evaluation's size; squared
+              # error, 1 clip or 2 photos a batch) from INIT against the image VAE VAE2D, evaluated into REPORT
+    local out="$1" init="$2" vae2d="$3" report="$4"; shift 4
+    train "$out" configs/bundled-3d.yaml image_vae="$vae2d" init="$init" "${SHIPPED[@]}" loss.pixel_loss=l2 \
+        data.crop=256 data.video_batch=1 data.image_batch=2 "$@"
+    eval_shipped "$out/final" "$vae2d" "$report"
 }
 
 for stage in "${STAGES[@]}"; do
@@ -167,31 +176,23 @@ for stage in "${STAGES[@]}"; do
                 from_git "$ROUND6_COMMIT" round6 crops
                 r6_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d" r6_cvvae="$RUNS/round6/cvvae/assets/bundled/cvvae"
             fi
-            train "$RUNS/c16-3d-r7" configs/bundled-3d.yaml image_vae="$r6_vae2d" init="$r6_cvvae" "${SHIPPED[@]}" \
-                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
-                steps=1000 optim.lr=1e-4
-            eval_shipped "$RUNS/c16-3d-r7/final" "$r6_vae2d" "$RUNS/eval-shipped-r7" ;;
+            round256 "$RUNS/c16-3d-r7" "$r6_cvvae" "$r6_vae2d" "$RUNS/eval-shipped-r7" \
+                freeze_encoder=true steps=1000 optim.lr=1e-4 ;;
         fullres2)  # round 8: round 7 continued, 600 more steps at half its LR, other clips (seed 1)
             r7_vae2d="$RUNS/c16-2d-r3/vae2d"
             [[ -f "$r7_vae2d/config.json" ]] || r7_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d"
-            train "$RUNS/c16-3d-r8" configs/bundled-3d.yaml image_vae="$r7_vae2d" init="$RUNS/c16-3d-r7/final" \
-                "${SHIPPED[@]}" freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 \
-                data.image_batch=2 steps=600 optim.lr=5e-5 seed=1
-            eval_shipped "$RUNS/c16-3d-r8/final" "$r7_vae2d" "$RUNS/eval-shipped-r8" ;;
+            round256 "$RUNS/c16-3d-r8" "$RUNS/c16-3d-r7/final" "$r7_vae2d" "$RUNS/eval-shipped-r8" \
+                freeze_encoder=true steps=600 optim.lr=5e-5 seed=1 ;;
         joint256)  # round 9: encoder and decoder together on 256-px crops, from round 8 (the latents move)
             r8_vae2d="$RUNS/c16-2d-r3/vae2d"
             [[ -f "$r8_vae2d/config.json" ]] || r8_vae2d="$RUNS/round6/cvvae/assets/bundled/vae2d"
-            train "$RUNS/c16-3d-r9" configs/bundled-3d.yaml image_vae="$r8_vae2d" init="$RUNS/c16-3d-r8/final" \
-                "${SHIPPED[@]}" loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=300 \
-                optim.lr=5e-5 seed=2
-            eval_shipped "$RUNS/c16-3d-r9/final" "$r8_vae2d" "$RUNS/eval-shipped-r9" ;;
+            round256 "$RUNS/c16-3d-r9" "$RUNS/c16-3d-r8/final" "$r8_vae2d" "$RUNS/eval-shipped-r9" \
+                steps=300 optim.lr=5e-5 seed=2 ;;
         joint256b)  # round 10: round 9 continued jointly on 256-px crops at twice its LR, EMA of the weights
             pair_or_git "$RUNS/c16-3d-r9/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND9_COMMIT" round9 joint256
             r9_cvvae="$CV" r9_vae2d="$V2D"
-            train "$RUNS/c16-3d-r10" configs/bundled-3d.yaml image_vae="$r9_vae2d" init="$r9_cvvae" "${SHIPPED[@]}" \
-                loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 steps=400 optim.lr=1e-4 \
-                ema_decay=0.995 seed=3 save_every=50
-            eval_shipped "$RUNS/c16-3d-r10/final" "$r9_vae2d" "$RUNS/eval-shipped-r10" ;;
+            round256 "$RUNS/c16-3d-r10" "$r9_cvvae" "$r9_vae2d" "$RUNS/eval-shipped-r10" \
+                steps=400 optim.lr=1e-4 ema_decay=0.995 seed=3 save_every=50 ;;
         deeper)  # round 11: round 9 grown to 2 ResBlocks per level (each new one starts as the identity), then
                  # trained jointly on 128-px crops with random psi drawing each group's last frame 2:1
             pair_or_git "$RUNS/c16-3d-r9/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND9_COMMIT" round9 joint256
@@ -205,28 +206,29 @@ for stage in "${STAGES[@]}"; do
         deeper256)  # round 12: the round-11 decoder alone on 256-px crops (latents, so compatibility, unchanged)
             pair_or_git "$RUNS/c16-3d-r11/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND11_COMMIT" round11 deeper
             r11_cvvae="$CV" r11_vae2d="$V2D"
-            train "$RUNS/c16-3d-r12" configs/bundled-3d.yaml image_vae="$r11_vae2d" init="$r11_cvvae" "${SHIPPED[@]}" \
-                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
-                steps=200 optim.lr=1e-4 seed=5 save_every=50
-            eval_shipped "$RUNS/c16-3d-r12/final" "$r11_vae2d" "$RUNS/eval-shipped-r12" ;;
+            round256 "$RUNS/c16-3d-r12" "$r11_cvvae" "$r11_vae2d" "$RUNS/eval-shipped-r12" \
+                freeze_encoder=true steps=200 optim.lr=1e-4 seed=5 save_every=50 ;;
         deeper256b)  # round 13 (not shipped): the round-12 decoder alone, 400 more steps at half the LR
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
             r12_cvvae="$CV" r12_vae2d="$V2D"
-            train "$RUNS/c16-3d-r13" configs/bundled-3d.yaml image_vae="$r12_vae2d" init="$r12_cvvae" "${SHIPPED[@]}" \
-                freeze_encoder=true loss.pixel_loss=l2 data.crop=256 data.video_batch=1 data.image_batch=2 \
-                steps=400 optim.lr=5e-5 seed=6 save_every=50
-            eval_shipped "$RUNS/c16-3d-r13/final" "$r12_vae2d" "$RUNS/eval-shipped-r13" ;;
-        joint256c)  # round 14: the round-12 model, encoder and decoder, on 256-px crops (the latents move);
+            round256 "$RUNS/c16-3d-r13" "$r12_cvvae" "$r12_vae2d" "$RUNS/eval-shipped-r13" \
+                freeze_encoder=true steps=400 optim.lr=5e-5 seed=6 save_every=50 ;;
+        joint256c)  # round 14 (what ships): the round-12 model, encoder and decoder, on 256-px crops (the latents move);
                     # psi_random keeps round 11's frame weights so psi_slice keeps its room
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
             r12_cvvae="$CV" r12_vae2d="$V2D"
-            train "$RUNS/c16-3d-r14" configs/bundled-3d.yaml image_vae="$r12_vae2d" init="$r12_cvvae" "${SHIPPED[@]}" \
-                loss.random_frame_weights=[1,1,1,2] loss.pixel_loss=l2 data.crop=256 data.video_batch=1 \
-                data.image_batch=2 steps=300 optim.lr=5e-5 seed=7 save_every=25
-            eval_shipped "$RUNS/c16-3d-r14/final" "$r12_vae2d" "$RUNS/eval-shipped-r14" ;;
+            round256 "$RUNS/c16-3d-r14" "$r12_cvvae" "$r12_vae2d" "$RUNS/eval-shipped-r14" \
+                loss.random_frame_weights=[1,1,1,2] steps=300 optim.lr=1e-4 seed=7 save_every=25 ;;
+        deeper256c)  # round 15 (not shipped): the round-14 decoder alone on 256-px crops, as round 12 followed round 11
+            [[ -f "$RUNS/c16-3d-r14/final/config.json" ]] || {
+                echo "round 14 ($RUNS/c16-3d-r14/final) is missing: run the stage 'joint256c' first" >&2; exit 2; }
+            pair_or_git "$RUNS/c16-3d-r14/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
+            r14_cvvae="$CV" r14_vae2d="$V2D"
+            round256 "$RUNS/c16-3d-r15" "$r14_cvvae" "$r14_vae2d" "$RUNS/eval-shipped-r15" \
+                freeze_encoder=true steps=200 optim.lr=1e-4 seed=8 save_every=25 ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r12/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r14/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d
@@ -235,6 +237,6 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, deeper256c, ship)" >&2; exit 2 ;;
     esac
 done
