@@ -24,7 +24,7 @@
 # round-14 decoder alone on 256-px crops (measured, not shipped: -0.01 dB). ship: copies round 14 (and its
 # image VAE, round 4's) into cvvae/assets/bundled.
 #
-# Runs go to ${RUNS:-runs}/ (checkpoints every 100-250 steps: rerun a stage after an interruption and
+# Runs go to ${RUNS:-runs}/ (checkpoints every 25-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
 # scripts/get_sample_media.sh --with-opencv into ${CVVAE_MEDIA:-~/.cache/cvvae/media}.
 set -euo pipefail
@@ -61,6 +61,8 @@ ROUND9_COMMIT=b2d56be77b4fceff4e1adf500df622617c251909
 ROUND11_COMMIT=a3add571a4a0ef14d9a521dd6ada5c649a7186b1
 # And round 12 for the stages `deeper256b` and `joint256c`: the fp16 copies shipped at commit 995012f.
 ROUND12_COMMIT=995012fc8fce4608e99b8f83c39d50654d2a3195
+# And round 14 for the stage `deeper256c`: the fp16 copies shipped at commit d895328.
+ROUND14_COMMIT=d895328768483dfee65d16907f7d4c3db8a3a6c2
 
 eval_shipped() {  # CV-VAE IMAGE_VAE OUT: held-out evaluation of a round, as in the study, and its table row
     "$CVVAE" eval --weights "$1" --name shipped --image-vae "$2" --videos "$SPLITS/heldout/videos" \
@@ -190,8 +192,7 @@ for stage in "${STAGES[@]}"; do
                 steps=300 optim.lr=5e-5 seed=2 ;;
         joint256b)  # round 10: round 9 continued jointly on 256-px crops at twice its LR, EMA of the weights
             pair_or_git "$RUNS/c16-3d-r9/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND9_COMMIT" round9 joint256
-            r9_cvvae="$CV" r9_vae2d="$V2D"
-            round256 "$RUNS/c16-3d-r10" "$r9_cvvae" "$r9_vae2d" "$RUNS/eval-shipped-r10" \
+            round256 "$RUNS/c16-3d-r10" "$CV" "$V2D" "$RUNS/eval-shipped-r10" \
                 steps=400 optim.lr=1e-4 ema_decay=0.995 seed=3 save_every=50 ;;
         deeper)  # round 11: round 9 grown to 2 ResBlocks per level (each new one starts as the identity), then
                  # trained jointly on 128-px crops with random psi drawing each group's last frame 2:1
@@ -205,26 +206,20 @@ for stage in "${STAGES[@]}"; do
             eval_shipped "$RUNS/c16-3d-r11/final" "$r9_vae2d" "$RUNS/eval-shipped-r11" ;;
         deeper256)  # round 12: the round-11 decoder alone on 256-px crops (latents, so compatibility, unchanged)
             pair_or_git "$RUNS/c16-3d-r11/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND11_COMMIT" round11 deeper
-            r11_cvvae="$CV" r11_vae2d="$V2D"
-            round256 "$RUNS/c16-3d-r12" "$r11_cvvae" "$r11_vae2d" "$RUNS/eval-shipped-r12" \
+            round256 "$RUNS/c16-3d-r12" "$CV" "$V2D" "$RUNS/eval-shipped-r12" \
                 freeze_encoder=true steps=200 optim.lr=1e-4 seed=5 save_every=50 ;;
         deeper256b)  # round 13 (not shipped): the round-12 decoder alone, 400 more steps at half the LR
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
-            r12_cvvae="$CV" r12_vae2d="$V2D"
-            round256 "$RUNS/c16-3d-r13" "$r12_cvvae" "$r12_vae2d" "$RUNS/eval-shipped-r13" \
+            round256 "$RUNS/c16-3d-r13" "$CV" "$V2D" "$RUNS/eval-shipped-r13" \
                 freeze_encoder=true steps=400 optim.lr=5e-5 seed=6 save_every=50 ;;
         joint256c)  # round 14 (what ships): the round-12 model, encoder and decoder, on 256-px crops (the latents move);
                     # psi_random keeps round 11's frame weights so psi_slice keeps its room
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
-            r12_cvvae="$CV" r12_vae2d="$V2D"
-            round256 "$RUNS/c16-3d-r14" "$r12_cvvae" "$r12_vae2d" "$RUNS/eval-shipped-r14" \
+            round256 "$RUNS/c16-3d-r14" "$CV" "$V2D" "$RUNS/eval-shipped-r14" \
                 loss.random_frame_weights=[1,1,1,2] steps=300 optim.lr=1e-4 seed=7 save_every=25 ;;
         deeper256c)  # round 15 (not shipped): the round-14 decoder alone on 256-px crops, as round 12 followed round 11
-            [[ -f "$RUNS/c16-3d-r14/final/config.json" ]] || {
-                echo "round 14 ($RUNS/c16-3d-r14/final) is missing: run the stage 'joint256c' first" >&2; exit 2; }
-            pair_or_git "$RUNS/c16-3d-r14/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
-            r14_cvvae="$CV" r14_vae2d="$V2D"
-            round256 "$RUNS/c16-3d-r15" "$r14_cvvae" "$r14_vae2d" "$RUNS/eval-shipped-r15" \
+            pair_or_git "$RUNS/c16-3d-r14/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND14_COMMIT" round14 joint256c
+            round256 "$RUNS/c16-3d-r15" "$CV" "$V2D" "$RUNS/eval-shipped-r15" \
                 freeze_encoder=true steps=200 optim.lr=1e-4 seed=8 save_every=25 ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
