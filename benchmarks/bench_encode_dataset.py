@@ -38,7 +38,7 @@ def main() -> None:
 
     from cvvae import CVVAE, codec
     from cvvae.data import ClipSpec, list_items, read_clip
-    from cvvae.data.latents import encode_dataset
+    from cvvae.data import encode_dataset
 
     work = Path(tempfile.mkdtemp(prefix="cvvae-bench-"))
     try:

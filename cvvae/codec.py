@@ -1,16 +1,23 @@
 """Encode and decode videos of any length and size, in memory or as streams, in bounded memory.
 
-This is the layer users and the CLI call. It adds to the chunking engine (`model/chunking.py`):
-- any frame count: the clip is padded at the end (last frame repeated) to 1 + 4k frames, and
-  decoding trims back to the recorded length; any size: replicate-padded to a multiple of 8 and
-  cropped back;
-- streaming: frames in -> latents out, latents in -> frames out, one temporal round at a time,
-  so memory does not grow with the length of the video;
-- precision: compute in float32, bfloat16 or float16 (CUDA only) by autocast; GroupNorm and
-  softmax stay in float32 (layers.py); a round whose output is not finite is recomputed in
-  float32, with a warning.
+Which entry point is for what:
+- `cvvae.codec` (this module) is for videos: `encode` -> `Latents` (float32 means, optionally the logvar, and
+  the clip's original frame count and size), `decode` / `decode_stream` -> float32 frames trimmed and cropped
+  back to that size; any length streams through in bounded memory; `dtype` picks the precision per call.
+- `CVVAE.encode` / `CVVAE.decode` are diffusers' API (pipelines call them): tensors in, a posterior or a
+  tensor out, in the weights' dtype, padded clips not trimmed back (there is no record to trim them by).
 
-In memory and streaming share one code path (the engine's `windows`), so they give the same numbers.
+Both follow one contract, because both run the one chunking engine (`model/chunking.py`):
+- frames: a clip that is not 1 + 4k frames is padded at the end by repeating its last frame, with a warning;
+  never cut. A size not divisible by 8 is padded by replicating the last row and column: this module crops the
+  result back (the caller gets the size it gave), the model API warns that it returns the padded size.
+- precision: float32 weights compute in any asked dtype (lower ones by autocast; GroupNorm and softmax stay
+  in float32, see layers.py); reduced-precision weights compute in their own dtype, and asking this module
+  for another one is an error, not ignored (`cvvae.runtime.compute_dtype`). A round whose output is not
+  finite is recomputed in float32 when the weights allow, else it warns.
+- streaming: frames in -> latents out, latents in -> frames out, one temporal round at a time, so memory does
+  not grow with the length of the video. In memory and streaming share one code path (the engine's `windows`),
+  so they give the same numbers.
 """
 
 from __future__ import annotations
@@ -22,63 +29,39 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import __version__
 from .errors import InputError
+from .identity import fingerprint
+from .io.latents import read_latent_file, write_latent_file
 from .model import CVVAE, DiagonalGaussian
-from .model.chunking import Fn, decode_step, decoder_fn, encode_step, encoder_fn, run_windows, windows
-from .model.frames import padded_frames
+from .model.chunking import Fn, decode_step, decoder_fn, encode_step, encoder_fn, run_windows, tile_size, windows
+from .model.frames import padding_notice
+from .runtime import DTYPES, compute_dtype, native_bf16, resolve_dtype
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """True where bfloat16 is fast: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+__all__ = ["DTYPES", "Latents", "StreamEncoder", "decode", "decode_stream", "encode", "load_latents", "native_bf16",
+           "resolve_dtype", "save_latents"]
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """'auto' (or None): bfloat16 where it is native (see `native_bf16`), else float32.
-
-    float16 is refused on CPU (about 3 GFLOP/s there); bfloat16 on a CPU without native support
-    works but is 30-90x slower than float32, so it warns.
-    """
-    device = torch.device(device)
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
-        dtype = DTYPES[dtype]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise InputError("fp16 is not supported on CPU (it is ~50x slower than fp32); use fp32 or bf16")
-    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16(device):
-        warnings.warn("this CPU has no native bfloat16 (AVX512-BF16/AMX): bf16 will be far slower than fp32",
-                      stacklevel=2)
-    return dtype
+def _weights(model: CVVAE) -> torch.Tensor:
+    return next(model.parameters())
 
 
-def _device(model: CVVAE) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _precise(model: CVVAE, fn: Fn, dtype: torch.dtype) -> Fn:
-    """fn under autocast to `dtype`, with a float32 recompute of any round that is not finite."""
-    device = _device(model)
-    weights = next(model.parameters()).dtype
-    autocast = dtype != torch.float32 and weights == torch.float32
+def _precise(model: CVVAE, fn: Fn, dtype: str | torch.dtype | None) -> Fn:
+    """fn in the precision `dtype` asks for (see the module docstring), float32 out."""
+    w = _weights(model)
+    dtype = compute_dtype(dtype, w.dtype, w.device)
+    autocast = dtype != w.dtype  # float32 weights, a lower compute dtype
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            y = fn(x.to(device, torch.float32 if autocast else weights))
+        with torch.autocast(w.device.type, dtype=dtype, enabled=autocast):
+            y = fn(x.to(w.device, w.dtype))
         if dtype != torch.float32 and not torch.isfinite(y).all():
-            if weights != torch.float32:
-                warnings.warn("non-finite values in a reduced-precision round; load the model in float32 "
-                              "to let cvvae recompute such rounds", stacklevel=3)
+            if w.dtype != torch.float32:
+                warnings.warn(f"non-finite values in a {dtype} round; load the model in float32 to let cvvae "
+                              "recompute such rounds", stacklevel=3)
             else:
                 warnings.warn(f"non-finite values in a {dtype} round: recomputed in float32", stacklevel=3)
-                y = fn(x.to(device, torch.float32))
+                y = fn(x.to(w.device, torch.float32))
         return y.float()
 
     return run
@@ -88,13 +71,14 @@ def _precise(model: CVVAE, fn: Fn, dtype: torch.dtype) -> Fn:
 class Latents:
     """Latents of a video, with what decoding needs to restore its length and size."""
 
-    mean: torch.Tensor  # (B, z, t, h, w), not scaled
+    mean: torch.Tensor  # (B, z, t, h, w), not scaled: the posterior mean
     logvar: torch.Tensor | None  # same shape, when kept
     num_frames: int  # frames of the original video (before padding to 1 + 4k)
     height: int
     width: int
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw from the posterior (needs the logvar)."""
         if self.logvar is None:
             raise InputError("these latents hold no logvar (encode with keep_logvar=True to sample)")
         return DiagonalGaussian(torch.cat([self.mean, self.logvar], dim=1)).sample(generator)
@@ -130,19 +114,17 @@ class StreamEncoder:
     def __init__(self, model: CVVAE, pieces: Iterable[torch.Tensor], dtype: str | torch.dtype | None = "fp32"):
         self.model = model
         self.frames = _Frames(pieces, model.spatial_compression_ratio, model.config.in_channels)
-        self.dtype = resolve_dtype(dtype, _device(model))
+        self.fn = _precise(model, encoder_fn(model), dtype)  # resolves (and checks) the dtype now
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         t = self.model.temporal_compression_ratio
-        fn = _precise(self.model, encoder_fn(self.model), self.dtype)
         with torch.no_grad():
-            yield from run_windows(fn, windows(self.frames, encode_step(self.model), pad_to=t))
+            yield from run_windows(self.fn, windows(self.frames, encode_step(self.model), pad_to=t))
         n = self.frames.num_frames
         if n == 0:
             raise InputError("no frames to encode")
-        if (n - 1) % t:
-            warnings.warn(f"{n} frames is not 1 + {t}k: padded to {padded_frames(n, t)} by repeating the last "
-                          f"frame; decoding trims back to {n}", stacklevel=2)
+        if note := padding_notice(n, t):
+            warnings.warn(f"{note}; decoding trims back to {n}", stacklevel=2)
 
     @property
     def num_frames(self) -> int:
@@ -167,24 +149,27 @@ def encode(model: CVVAE, video: torch.Tensor | Iterable[torch.Tensor], *, dtype:
 
 
 def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: int | None = None,
-                  height: int | None = None, width: int | None = None,
-                  dtype: str | torch.dtype | None = "fp32") -> Iterator[torch.Tensor]:
+                  height: int | None = None, width: int | None = None, dtype: str | torch.dtype | None = "fp32",
+                  sample: bool = False, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Decode latents (B, z, t, h, w) round by round into video pieces (B, C, n, H, W), trimmed to
-    `num_frames` and cropped to `height` x `width` (defaults: those recorded in `Latents`)."""
+    `num_frames` and cropped to `height` x `width` (defaults: those recorded in `Latents`).
+
+    `sample=True` decodes a draw from the posterior (`Latents` with a logvar; `generator` seeds it) instead of
+    its mean.
+    """
     if isinstance(latents, Latents):
         num_frames = num_frames or latents.num_frames
         height, width = height or latents.height, width or latents.width
-        latents = latents.mean
+        latents = latents.sample(generator) if sample else latents.mean
+    elif sample:
+        raise InputError("sample=True needs Latents with a logvar, not a tensor")
     if latents.ndim != 5 or latents.shape[1] != model.config.z_channels:
         raise InputError(f"expected latents (B, {model.config.z_channels}, t, h, w), got shape {tuple(latents.shape)}"
                          + (" (a latent file of another model?)" if latents.ndim == 5 else ""))
-    z = latents
-    if hasattr(model, "post_quant_conv"):
-        z = model.post_quant_conv(z.to(_device(model), next(model.parameters()).dtype))
-    fn = _precise(model, decoder_fn(model), resolve_dtype(dtype, _device(model)))
-    left = num_frames or model.sample_frames(z.shape[2])
+    fn = _precise(model, decoder_fn(model), dtype)
+    left = num_frames or model.sample_frames(latents.shape[2])
     with torch.no_grad():
-        for piece in run_windows(fn, windows([z], decode_step(model))):
+        for piece in run_windows(fn, windows([latents], decode_step(model))):
             piece = piece[:, :, :left, : height or None, : width or None]
             left -= piece.shape[2]
             yield piece
@@ -193,5 +178,26 @@ def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: 
 
 
 def decode(model: CVVAE, latents: torch.Tensor | Latents, **kwargs) -> torch.Tensor:
-    """Decode to a video (B, C, T, H, W) in [-1, 1]; see `decode_stream` for the arguments."""
+    """Decode to a video (B, C, T, H, W) in [-1, 1], float32; see `decode_stream` for the arguments."""
     return torch.cat(list(decode_stream(model, latents, **kwargs)), dim=2)
+
+
+def save_latents(path: str, latents: Latents, model: CVVAE, *, model_id: str, **meta) -> dict:
+    """Write `latents` to a latent file (`cvvae.io.latents`) that `cvvae decode` reads, recording the model that
+    made them (`model_id`, see `cvvae.identity`, and its weights' fingerprint) and how; `meta` adds fields
+    (`fps`, `source`, ...). Returns the metadata written."""
+    cfg = model.config
+    record = dict(num_frames=latents.num_frames, height=latents.height, width=latents.width, **meta, model=model_id,
+                  model_sha256=fingerprint(model), z_channels=cfg.z_channels, scaling_factor=cfg.scaling_factor,
+                  shift_factor=cfg.shift_factor, chunk_mode=model.chunk_mode, tile_spatial_size=tile_size(model),
+                  cvvae_version=__version__)
+    tensors = {"latents": latents.mean} if latents.logvar is None else {"latents": latents.mean,
+                                                                           "logvar": latents.logvar}
+    write_latent_file(path, tensors, record)
+    return record
+
+
+def load_latents(path: str) -> tuple[Latents, dict]:
+    """(Latents, metadata) of a latent file written by `save_latents` (`cvvae encode`)."""
+    tensors, meta = read_latent_file(path)
+    return Latents(tensors["latents"], tensors.get("logvar"), meta["num_frames"], meta["height"], meta["width"]), meta

@@ -61,7 +61,7 @@ def test_train_tunes_the_allocator_and_inference_does_not(monkeypatch, tmp_path,
     from cvvae.bundled import bundled_path
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr("cvvae.allocator.keep_freed_memory", lambda: calls.append("tuned") or True)
     monkeypatch.setattr("cvvae.train.trainer.train", lambda cfg, resume, quiet: tmp_path / "final")
     assert cli.main(["train", "configs/tiny.yaml", "-q"]) == 0 and calls == ["tuned"]
     assert cli.main(["info", str(bundled_path("cvvae"))]) == 0 and calls == ["tuned"]

@@ -10,7 +10,7 @@ from cvvae import codec
 from cvvae.bundled import BUNDLED_DIR, load_bundled
 from cvvae.eval.metrics import psnr
 from cvvae.io.video import read_frames, to_tensor
-from cvvae.train.losses import psi
+from cvvae.model.mapping import psi
 
 from .media import sample
 

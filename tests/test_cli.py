@@ -215,7 +215,14 @@ def test_weights_missing_unreachable_or_wrong(tmp_path, capsys, monkeypatch, wei
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     code, _, err = run(capsys, "reconstruct", src, "-o", tmp_path / "o.png", "--weights", "AILab-CVC/CV-VAE")
-    assert_clean_error(code, err, "cannot fetch AILab-CVC/CV-VAE")
+    assert_clean_error(code, err, "AILab-CVC/CV-VAE is no local file or folder, and fetching it as a Hugging Face "
+                                  "hub id failed")
+    (tmp_path / "runs").mkdir()  # a mistyped local path is not tried on the hub
+    code, _, err = run(capsys, "info", tmp_path / "runs" / "tiyn")
+    assert_clean_error(code, err, "no such file or folder")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "info", "runs/tiyn")
+    assert_clean_error(code, err, "weights not found: runs/tiyn (no such file or folder)")
     code, _, err = run(capsys, "info", src)
     assert_clean_error(code, err, "unknown weights format")
 

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ import torch
 from safetensors.torch import load
 
 from cvvae import codec
-from cvvae.data.latents import LatentDataset, encode_dataset, parse_buckets
+from cvvae.cli import main
+from cvvae.data import LatentDataset, encode_dataset, parse_buckets
 from cvvae.errors import InputError
 from cvvae.io import VideoWriter, read_frames, read_video, to_tensor
 
@@ -32,38 +32,8 @@ GOOD_JOBS = {0: "bikes.mp4", 1: "bikes.mp4", 4: "carphone.mp4", 5: "carphone.mp4
 SKIPS = {2: ("corrupt.mp4", "unreadable"), 3: ("corrupt.mp4", "unreadable"), 6: ("short.mp4", "too short"),
          7: ("short.mp4", "too short")}
 
-# The parent parsers of cvvae/cli.py (built inside its build_parser), for calling `run` before it is wired.
-CLI_SHIM = textwrap.dedent("""
-    import argparse, sys
-    from cvvae import cli
-    from cvvae.data import latents
-
-    _build = cli.build_parser
-
-    def build_parser():
-        parser = _build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "encode-dataset" not in sub.choices:
-            common = argparse.ArgumentParser(add_help=False)
-            common.add_argument("-q", "--quiet", action="store_true")
-            common.add_argument("--json", action="store_true")
-            model = argparse.ArgumentParser(add_help=False)
-            model.add_argument("--weights")
-            model.add_argument("--subfolder")
-            model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-            model.add_argument("--device")
-            model.add_argument("--crf", type=int, default=18)
-            latents.add_parser(sub, [common, model])
-        return parser
-
-    cli.build_parser = build_parser
-""")
-
-
 def cli_main(argv: list) -> int:
-    namespace: dict = {}
-    exec(CLI_SHIM, namespace)
-    return namespace["cli"].main([str(a) for a in argv])
+    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +143,7 @@ def test_latents_equal_codec_encode_of_the_recorded_clip(single, model):
 def test_torchrun_two_processes_give_the_same_clips(single, manifest, weights, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "cvvae_shim.py"
-    script.write_text(CLI_SHIM + "sys.exit(cli.main(sys.argv[1:]))\n")
+    script.write_text("import sys\nfrom cvvae.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), "encode-dataset", str(manifest), "-o", str(out), "--weights", str(weights),

@@ -10,18 +10,13 @@ import pytest
 import torch
 
 from cvvae import InputError
-from cvvae.eval.report import (
-    NA,
-    add_parser,
-    chunk_boundaries,
-    evaluate,
-    frechet_distance,
-    frechet_distance_from_stats,
-    write_report,
-)
+from cvvae.cli import build_parser
+from cvvae.eval.evaluate import NA, chunk_boundaries, evaluate
+from cvvae.eval.fvd import frechet_distance, frechet_distance_from_stats
+from cvvae.eval.report import write_report
 from cvvae.model.inflate import inflate_from_image_vae
-from cvvae.train.losses import MAPPINGS
-from cvvae.train.lpips import LPIPS
+from cvvae.eval.lpips import LPIPS
+from cvvae.model.mapping import MAPPINGS
 
 from .conftest import tiny_model
 from .media import sample
@@ -211,12 +206,7 @@ def test_without_optional_parts(media, models):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="cvvae")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true")
-    common.add_argument("--json", action="store_true")
-    add_parser(p.add_subparsers(dest="command", required=True), [common])
-    return p
+    return build_parser()
 
 
 def test_cli_end_to_end(media, models, tmp_path, capsys, monkeypatch):

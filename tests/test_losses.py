@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from cvvae import ConfigError
 from cvvae.train.discriminator import adaptive_weight, hinge_d_loss
-from cvvae.train.losses import CVVAELoss, LossConfig, psi
+from cvvae.model.mapping import psi
+from cvvae.train.losses import CVVAELoss, LossConfig
 
 from .conftest import tiny_model, video
 

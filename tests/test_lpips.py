@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cvvae.errors import CheckpointError
-from cvvae.train import lpips as lp
-from cvvae.train.lpips import LPIPS, VGG16Features
+from cvvae.eval import lpips as lp
+from cvvae.eval.lpips import LPIPS, VGG16Features
 
 # torchvision `vgg16(weights=IMAGENET1K_V1).state_dict()`, the `features.*` part, in file order.
 TORCHVISION_VGG16_FEATURES = [

@@ -174,11 +174,11 @@ def test_bfloat16_runs_on_cpu_and_tracks_fp32():
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (dict(ch_mult=[1, 2]), "spatial_n_compress"),
+        (dict(ch_mult=[1, 2], spatial_n_compress=8), "spatial_n_compress"),
         (dict(norm_num_groups=3), "divisible"),
         (dict(decoder_attn_type="flash"), "decoder_attn_type"),
         (dict(use_3d_conv=False), "use_3d_conv"),
-        (dict(block_out_channels=[8, 8, 8, 8]), "block_out_channels"),
+        (dict(block_out_channels=[8, 12]), "block_out_channels"),
         (dict(padding_mode="reflect"), "padding_mode"),
         (dict(tile_spatial_size=3), "tile_spatial_size=3"),  # a 0-latent tile: tiling would never advance
         (dict(tile_spatial_size=68), "multiple of 8"),

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from cvvae import CVVAE, ConfigError
-from cvvae.train.trainer import DataConfig, StepBatches, TrainConfig, build_models, load_config, lr_factor, train
+from cvvae.train.batches import StepBatches
+from cvvae.train.config import DataConfig, TrainConfig, load_config
+from cvvae.train.trainer import build_models, lr_factor, train
 
 from .conftest import tiny_model
 from .media import MEDIA, sample
@@ -167,9 +169,9 @@ def test_partial_checkpoint_is_ignored_on_resume(tmp_path, clips):
     train(cfg, quiet=True)
     broken = tmp_path / "run" / "checkpoints" / ".step-5.partial"
     broken.mkdir()
-    from cvvae.train.trainer import _checkpoints
+    from cvvae.train.checkpoints import checkpoints
 
-    assert [p.name for p in _checkpoints(tmp_path / "run")] == ["step-2"]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-2"]
 
 
 def test_two_process_torchrun(tmp_path, clips):

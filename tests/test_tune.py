@@ -17,9 +17,11 @@ from diffusers import (
     UNetSpatioTemporalConditionModel,
 )
 
-from cvvae.data.latents import LatentDataset, encode_dataset
-from cvvae.pipelines import tune
-from cvvae.pipelines.tune import (
+from cvvae.cli import build_parser
+from cvvae.cli import tune as tune_cli
+from cvvae.data import LatentDataset, encode_dataset
+from cvvae.finetune import (
+    LAYERS,
     SVDOptions,
     TunedLayersError,
     TuneError,
@@ -121,7 +123,7 @@ def test_tuning_changes_only_the_chosen_layers_and_lowers_the_loss(latents_dir, 
     loss_before = eval_loss(unet, sched, x0)
 
     path = tune_unet(unet, sched, data, which=which, steps=40, lr=3e-3, batch_size=2, seed=0, output=tmp_path)
-    tuned = set(tune.LAYERS[which])
+    tuned = set(LAYERS[which])
     for name, value in unet.state_dict().items():
         if name.split(".")[0] in tuned:
             assert not torch.equal(value, before[name]), name
@@ -292,12 +294,7 @@ def test_svd_tuning_changes_only_conv_out_lowers_the_loss_and_loads_into_the_pip
 
 
 def cli_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true")
-    common.add_argument("--json", action="store_true")
-    parser = argparse.ArgumentParser(prog="cvvae")
-    tune.add_parser(parser.add_subparsers(dest="command"), [common])
-    return parser
+    return build_parser()
 
 
 def test_cli_tune_unet(latents_dir, tmp_path, capsys):
@@ -313,10 +310,10 @@ def test_cli_tune_unet(latents_dir, tmp_path, capsys):
     fresh = UNet3DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet")
     assert len(load_tuned_layers(fresh, tmp_path / "out")) == 4
     with pytest.raises(ValueError, match="not a diffusers UNet config"):
-        tune.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path), "--latents", str(latents_dir),
+        tune_cli.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path), "--latents", str(latents_dir),
                                     "-o", str(tmp_path / "x")]))
     with pytest.raises(TuneError, match="--fps, --motion-bucket-id apply only to SVD"):
-        tune.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path / "pipe" / "unet"), "--latents",
+        tune_cli.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path / "pipe" / "unet"), "--latents",
                                     str(latents_dir), "--fps", "8", "--motion-bucket-id", "3",
                                     "-o", str(tmp_path / "x")]))
 
@@ -340,5 +337,5 @@ def test_cli_tune_unet_svd(latents_dir, tmp_path, capsys):
     with pytest.raises(TunedLayersError, match="tuned on a UNetSpatioTemporalConditionModel, not on this UNet3D"):
         load_tuned_layers(unet3d((32, 32)), tmp_path / "out")  # conv_out of the same shape
     with pytest.raises(TuneError, match="--scheduler does not apply to SVD"):
-        tune.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path / "svd" / "unet"), "--latents",
+        tune_cli.run(parser.parse_args(["tune-unet", "--unet", str(tmp_path / "svd" / "unet"), "--latents",
                                     str(latents_dir), "--scheduler", str(tmp_path), "-o", str(tmp_path / "x")]))

@@ -1,5 +1,10 @@
 """Training, evaluation and dataset-encoding data: item sources, clip sampling, datasets and loaders.
 
+Modules: `sources` (folders, manifests, tar shards -> items), `clips` (items -> clips, datasets, the mixed
+loader), `plan` (which clip each job of a dataset encoding is), `encode` (a dataset -> latent shards, many
+processes), `shards` (the latent shard format), `latents` (latent shards -> a DataLoader), `split` (the sample
+media's train/held-out split).
+
 Quick start::
 
     from cvvae.data import ClipDataset, ClipSpec, MixedLoader, list_items
@@ -12,7 +17,8 @@ Quick start::
         ...
 """
 
-from cvvae.data.clips import (
+from cvvae.data import clips, sources
+from cvvae.data.clips import (  # noqa: F401 - re-exports
     REASONS,
     ClipDataset,
     ClipError,
@@ -23,34 +29,22 @@ from cvvae.data.clips import (
     read_clip,
     sample_window,
 )
-from cvvae.data.latents import LatentDataset, encode_dataset
-from cvvae.data.sources import (
+from cvvae.data.encode import encode_dataset
+from cvvae.data.latents import LatentDataset, collate_latents
+from cvvae.data.plan import parse_buckets
+from cvvae.data.sources import (  # noqa: F401 - re-exports
     IMAGE_EXTENSIONS,
+    MEDIA_EXTENSIONS,
     VIDEO_EXTENSIONS,
     ShardSample,
     expand_shards,
     is_image_item,
+    is_shards,
     iter_shard_samples,
     list_items,
+    list_source,
+    read_members,
+    tar_items,
 )
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "REASONS",
-    "VIDEO_EXTENSIONS",
-    "ClipDataset",
-    "ClipError",
-    "ClipSpec",
-    "LatentDataset",
-    "MixedLoader",
-    "ShardClipDataset",
-    "ShardSample",
-    "collate",
-    "encode_dataset",
-    "expand_shards",
-    "is_image_item",
-    "iter_shard_samples",
-    "list_items",
-    "read_clip",
-    "sample_window",
-]
+__all__ = [*clips.__all__, *sources.__all__, "LatentDataset", "collate_latents", "encode_dataset", "parse_buckets"]

@@ -84,13 +84,15 @@ class ClipSpec:
 
     Args:
         frames: clip length, ``1 + 4k`` (what the VAE maps to ``1 + k`` latents).
-        stride: frame step, an int or an inclusive range ``(lo, hi)`` drawn uniformly per clip. When the
-            drawn stride does not fit the video, the largest one that fits is used (down to 1).
+        stride: frame step, an int or an inclusive range ``(lo, hi)`` drawn uniformly per clip.
         short_side: resize so that the shorter side has this length (None: keep the size).
         crop: crop size, an int (square) or ``(h, w)``, or None; frames smaller than the crop are
             enlarged to cover it.
         random_crop: random crop position (training) or the centre (evaluation).
         random_start: random first frame (training) or frame 0 (evaluation).
+        fit_stride: when the drawn stride does not fit the video, use the largest one that fits, down to 1
+            (training: any motion will do); False: skip the video as "too short" instead (evaluation and
+            dataset encoding, whose clips must have the frame rate they record).
     """
 
     frames: int = 17
@@ -99,6 +101,7 @@ class ClipSpec:
     crop: int | tuple[int, int] | None = 256
     random_crop: bool = True
     random_start: bool = True
+    fit_stride: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 4:
@@ -160,8 +163,11 @@ def sample_window(num_frames: int | None, spec: ClipSpec, rng: np.random.Generat
         return 0, stride
     if num_frames < spec.frames:
         raise ClipError("too short", f"{num_frames} frames, the clip needs {spec.frames}")
-    if spec.frames > 1:
-        stride = min(stride, (num_frames - 1) // (spec.frames - 1))
+    if spec.frames > 1 and stride * (spec.frames - 1) + 1 > num_frames:
+        if not spec.fit_stride:
+            raise ClipError("too short", f"{num_frames} frames, {spec.frames} frames at stride {stride} need "
+                                         f"{stride * (spec.frames - 1) + 1}")
+        stride = (num_frames - 1) // (spec.frames - 1)
     span = stride * (spec.frames - 1) + 1
     start = int(rng.integers(0, num_frames - span + 1)) if spec.random_start else 0
     return start, stride
@@ -203,7 +209,7 @@ def _read_video_clip(info: VideoInfo, spec: ClipSpec, size: tuple[int, int] | No
         kept, count, note = _decode_span(info, start, span, stride, size)
         if count >= span:
             return start, stride, np.stack(kept)
-        if count >= spec.frames:
+        if count >= spec.frames and spec.fit_stride:
             stride = (count - 1) // (spec.frames - 1)
         elif start > 0 and start + count >= spec.frames:
             start, stride = _window(start + count, info, spec, rng)

@@ -29,8 +29,12 @@ __all__ = [
     "ShardSample",
     "expand_shards",
     "is_image_item",
+    "is_shards",
     "iter_shard_samples",
     "list_items",
+    "list_source",
+    "read_members",
+    "tar_items",
 ]
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v"})
@@ -143,6 +147,61 @@ class ShardSample:
         return f"{self.shard}#{self.key}"
 
 
+def is_shards(source: Any) -> bool:
+    """Whether ``source`` names webdataset shards: a ``.tar`` path or glob, or a non-empty list of them."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source).endswith(".tar")
+    return isinstance(source, Sequence) and bool(source) and all(is_shards(s) for s in source)
+
+
+def list_source(source: str | os.PathLike[str] | Sequence[str]) -> list[Item]:
+    """Items of a folder, a CSV/JSONL manifest (:func:`list_items`), or webdataset shards (:func:`tar_items`)."""
+    if is_shards(source):
+        return [item for shard in expand_shards(source) for item in tar_items(shard)]
+    return list_items(source)
+
+
+def tar_items(shard: str) -> list[Item]:
+    """One item per sample of a tar shard (members adjacent by key), from the headers only, for random access
+    with :func:`read_members`. An unreadable shard gives an item with an ``_error``."""
+    items: list[Item] = []
+    key, members = None, []
+
+    def flush() -> None:
+        if members:
+            items.append({"path": f"{shard}#{key}", "caption": None, "_tar": shard, "_key": key,
+                          "_members": tuple(members)})
+
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name_key, ext = _split_name(member.name)
+                if name_key != key:
+                    flush()
+                    key, members = name_key, []
+                members.append((ext, member.offset_data, member.size))
+        flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        flush()
+        items.append({"path": shard, "caption": None, "_error": f"cannot read shard {shard}: {e}"})
+    return items
+
+
+def read_members(item: Item) -> dict[str, bytes]:
+    """The member bytes of a tar sample listed by :func:`tar_items` (a seek per member, no scan)."""
+    try:
+        with tarfile.open(item["_tar"], "r:*") as tar:
+            members = {}
+            for ext, offset, size in item["_members"]:
+                tar.fileobj.seek(offset)
+                members[ext] = tar.fileobj.read(size)
+            return members
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise InputError(f"cannot read {item['path']}: {e}") from None
+
+
 def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """Shard paths from a glob pattern, a path or a list of those (each pattern sorted)."""
     patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
@@ -190,10 +249,10 @@ def tar_groups(path: str, what: str = "shard") -> Iterator[tuple[str, dict[str, 
 def iter_shard_samples(shard: str) -> Iterator[ShardSample]:
     """Samples of one tar shard in stored order, streamed; see :func:`tar_groups`."""
     for key, members in tar_groups(shard):
-        yield _make_sample(shard, key, members)
+        yield make_sample(shard, key, members)
 
 
-def _make_sample(shard: str, key: str, members: dict[str, bytes]) -> ShardSample:
+def make_sample(shard: str, key: str, members: dict[str, bytes]) -> ShardSample:
     media = [ext for ext in members if "." + ext.rsplit(".", 1)[-1] in MEDIA_EXTENSIONS]
     # Prefer a video member over an image (a thumbnail) when a sample has both.
     media.sort(key=lambda ext: "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)

@@ -8,7 +8,7 @@ Four measurements, each accumulated over a dataset by :class:`Compatibility` (on
     mean against the image VAE's, ||mu_v - mu_i|| / ||mu_i|| per frame.
 (b) cross-decoding: the CV-VAE's video latents (posterior mean) of X (1 + 4k frames), decoded frame by
     frame by the image decoder D_i, against psi(X) for each mapping (first / average / slice / random,
-    see `cvvae.train.losses.psi`); reference: the image VAE's own reconstruction D_i(E_i(psi(X))).
+    see `cvvae.model.mapping`); reference: the image VAE's own reconstruction D_i(E_i(psi(X))).
 (c) the image VAE's latents of psi_slice(X) (frames 0, 4, 8, ...), decoded as one video by the CV-VAE
     decoder, against X.
 (d) per-channel mean and std of the CV-VAE's latents and of the image VAE's latents of the same
@@ -20,14 +20,13 @@ Latents are unscaled on both sides (the scaling factor is reported, not applied)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
-
 from .. import codec
 from ..model import CVVAE
-from ..train.losses import MAPPINGS, psi
+from ..model.mapping import MAPPINGS, frames_of, psi, videos_of
 from .metrics import psnr
 
 MAPPING_SEED = 0  # the `random` mapping draws from torch.Generator().manual_seed(MAPPING_SEED + item index)
@@ -41,11 +40,6 @@ def to01(x: torch.Tensor) -> torch.Tensor:
 def to01_u8(x: torch.Tensor) -> torch.Tensor:
     """Values in [-1, 1] -> [0, 1] rounded to uint8 levels (what a saved frame holds)."""
     return (to01(x) * 255).round() / 255
-
-
-def frames_of(video: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B*T, C, H, W)."""
-    return rearrange(video, "b c t h w -> (b t) c h w")
 
 
 def mean_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -201,7 +195,7 @@ class Compatibility:
             self.cross[m].append(mean_psnr(cross[: target.shape[0]], target))
             self.cross_reference[m].append(ref.reference_psnr[m])
         # (c) image latents of the slice frames through the video decoder
-        z = rearrange(ref.slice_latents, "(b t) c h w -> b c t h w", b=1)
+        z = videos_of(ref.slice_latents, 1)
         video = codec.decode(model, z, num_frames=x.shape[2], dtype=self.dtype)
         self.video_from_image_latents.append(mean_psnr(to01_u8(frames_of(video)), to01(frames_of(x))))
         self.own_video_psnr.append(mean_psnr(to01_u8(frames_of(cv_recon)), to01(frames_of(x))))
@@ -227,3 +221,21 @@ class Compatibility:
                              "cvvae_scaling_factor": self.model.config.scaling_factor,
                              "image_vae_scaling_factor": self.image_vae.vae.config.scaling_factor},
         }
+
+
+def load_image_vae(path: str, device: torch.device | str = "cpu") -> Any:
+    """A diffusers AutoencoderKL from its folder, a pipeline folder holding vae/, or a hub id; frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    from ..errors import CheckpointError
+
+    p = Path(path).expanduser()
+    sub = "vae" if p.is_dir() and not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file() \
+        else None
+    if not p.exists() and (p.is_absolute() or str(path).startswith(".")):
+        raise CheckpointError(f"image VAE not found: {p}")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(p) if p.exists() else path, subfolder=sub)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for a bad folder
+        raise CheckpointError(f"cannot load the image VAE {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return vae.to(device).requires_grad_(False).eval()

@@ -1,9 +1,98 @@
-"""Finishing atomic writes: a temporary file or folder renamed into place with ordinary permissions."""
+"""Atomic outputs: every file or folder cvvae writes appears complete or not at all.
+
+One writer for the whole package: the content goes to a hidden temporary sibling (``.NAME.XXXX.partial``),
+is flushed to disk, and is renamed into place with the permissions a plain ``open()``/``mkdir()`` would give;
+on any error (or Ctrl-C, or SIGTERM through the CLI) the temporary is deleted and the destination is untouched.
+
+- :func:`write_atomic` for bytes or text held in memory (configs, indexes, small tensors files);
+- :class:`AtomicFile` (``atomic_file``) for writers that need a path (safetensors' ``save_file``, a tar);
+- :func:`atomic_dir` for folders (``save_pretrained``, reports), optionally replacing an existing one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from ..errors import InputError
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically and durably (fsync before the rename)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class AtomicFile:
+    """A temporary path next to ``dest``: :meth:`commit` renames it to ``dest``, :meth:`discard` deletes it.
+
+    As a context manager it yields the temporary path and commits when the block ends normally (else discards).
+    """
+
+    def __init__(self, dest: str | os.PathLike[str]) -> None:
+        self.dest = Path(dest)
+        if not self.dest.parent.is_dir():
+            raise InputError(f"cannot write {self.dest}: the folder {self.dest.parent} does not exist")
+        fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".partial", dir=self.dest.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+
+    def commit(self) -> None:
+        publish(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()  # nothing left to delete after a commit
+
+
+atomic_file = AtomicFile
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; when the block ends normally, it becomes ``path``.
+
+    An existing ``path`` must be an empty folder, unless ``replace`` is true: then the old folder is swapped
+    out only once the new one is complete.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"output folder's parent does not exist: {path.parent}")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output {path} exists and is not a folder")
+    if path.exists() and not replace and any(path.iterdir()):
+        raise InputError(f"output folder {path} exists and is not empty")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        yield tmp
+        if not path.exists():
+            publish(tmp, path)
+        else:
+            path.rename(old)
+            try:
+                publish(tmp, path)
+            except BaseException:
+                old.rename(path)
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

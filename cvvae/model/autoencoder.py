@@ -10,9 +10,13 @@ Time is resampled at every other level (encoder levels 0, 2, ...; the decoder mi
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -23,8 +27,11 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from . import frames
+from .frames import time_levels
 from .chunking import check_tiles
-from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, silu
+from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, pad_frames, silu
+
+CHUNK_MODES = ("official", "full")
 
 # Official attention-type names (config.json) -> the kind of MidAttention they build (None: no attention).
 ENCODER_ATTENTION = {"vanilla": "spatial", "vanilla-xformers": "spatial", "spatial": "spatial", "none": None}
@@ -34,14 +41,6 @@ DECODER_ATTENTION = {
     "spatial-temporal": "spatial-temporal",
     "spatial-temporal-residual": "spatial-temporal-residual",
 }
-
-
-def time_levels(num_levels: int) -> list[bool]:
-    """Which encoder levels halve time: every other one, starting at level 0, never the last.
-
-    The decoder's up.i (i >= 1) doubles time exactly when encoder level i-1 halves it.
-    """
-    return [i % 2 == 0 and i < num_levels - 1 for i in range(num_levels)]
 
 
 class _Checkpointed(nn.Module):
@@ -56,39 +55,46 @@ class _Checkpointed(nn.Module):
         return module(x)
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """How an encoder or decoder builds its blocks: padding, 2D+3D split, norms, dropout."""
+
+    time_padding: str  # "causal" (encoder), "zeros" (SD2.1 decoder) or "replicate" (SD3 decoder)
+    space_padding: str
+    half_3d: bool
+    norm_groups: int
+    norm_eps: float
+    dropout: float
+
+    def resnet(self, cin: int, cout: int) -> ResnetBlock:
+        return ResnetBlock(cin, cout, **asdict(self))
+
+    def conv(self, cin: int, cout: int) -> Conv3d:
+        return Conv3d(cin, cout, 3, time_padding=self.time_padding, space_padding=self.space_padding)
+
+    def norm(self, channels: int) -> GroupNorm:
+        return GroupNorm(self.norm_groups, channels, eps=self.norm_eps)
+
+
 class Encoder3D(_Checkpointed):
     """Causal video encoder: (B, 3, T, H, W) -> moments (B, 2*z, 1+(T-1)//4, H/8, W/8)."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        widths: list[int],
-        num_res_blocks: int,
-        out_channels: int,
-        attention: str | None,
-        half_3d: bool,
-        space_padding: str,
-        norm_groups: int,
-        norm_eps: float,
-        dropout: float,
-    ) -> None:
+    def __init__(self, *, in_channels: int, out_channels: int, widths: list[int], num_res_blocks: int,
+                 attention: str | None, blocks: Blocks) -> None:
         super().__init__()
-        blk = dict(time_padding="causal", space_padding=space_padding, half_3d=half_3d,
-                   norm_groups=norm_groups, norm_eps=norm_eps, dropout=dropout)
-        self.conv_in = Conv3d(in_channels, widths[0], 3, time_padding="causal", space_padding=space_padding)
+        self.conv_in = blocks.conv(in_channels, widths[0])
         self.down = nn.ModuleList()
         c = widths[0]
         for i, (w, time) in enumerate(zip(widths, time_levels(len(widths)))):
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(c if j == 0 else w, w, **blk) for j in range(num_res_blocks))
+            level.block = nn.ModuleList(blocks.resnet(c if j == 0 else w, w) for j in range(num_res_blocks))
             if i < len(widths) - 1:
-                level.downsample = Downsample(w, time=time, space_padding=space_padding)
+                level.downsample = Downsample(w, time=time, space_padding=blocks.space_padding)
             self.down.append(level)
             c = w
-        self.mid = _mid_block(c, attention, blk)
-        self.norm_out = GroupNorm(norm_groups, c, eps=norm_eps)
-        self.conv_out = Conv3d(c, out_channels, 3, time_padding="causal", space_padding=space_padding)
+        self.mid = _mid_block(c, attention, blocks)
+        self.norm_out = blocks.norm(c)
+        self.conv_out = blocks.conv(c, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -104,41 +110,26 @@ class Encoder3D(_Checkpointed):
 class Decoder3D(_Checkpointed):
     """Non-causal video decoder: (B, z, t, h, w) -> (B, 3, 1+4(t-1), 8h, 8w)."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        widths: list[int],
-        num_res_blocks: int,
-        out_channels: int,
-        attention: str | None,
-        half_3d: bool,
-        time_padding: str,
-        space_padding: str,
-        norm_groups: int,
-        norm_eps: float,
-        dropout: float,
-    ) -> None:
+    def __init__(self, *, in_channels: int, out_channels: int, widths: list[int], num_res_blocks: int,
+                 attention: str | None, blocks: Blocks) -> None:
         super().__init__()
-        blk = dict(time_padding=time_padding, space_padding=space_padding, half_3d=half_3d,
-                   norm_groups=norm_groups, norm_eps=norm_eps, dropout=dropout)
         c = widths[-1]
-        self.conv_in = Conv3d(in_channels, c, 3, time_padding=time_padding, space_padding=space_padding)
-        self.mid = _mid_block(c, attention, blk)
+        self.conv_in = blocks.conv(in_channels, c)
+        self.mid = _mid_block(c, attention, blocks)
         # `up` is stored in index order 0..L-1 (checkpoint names) and applied from L-1 down to 0.
         levels: list[nn.Module] = []
         enc_time = time_levels(len(widths))
         for i in reversed(range(len(widths))):
             w = widths[i]
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(c if j == 0 else w, w, **blk) for j in range(num_res_blocks + 1))
+            level.block = nn.ModuleList(blocks.resnet(c if j == 0 else w, w) for j in range(num_res_blocks + 1))
             if i > 0:
-                level.upsample = Upsample(w, time=enc_time[i - 1], space_padding=space_padding)
+                level.upsample = Upsample(w, time=enc_time[i - 1], space_padding=blocks.space_padding)
             levels.insert(0, level)
             c = w
         self.up = nn.ModuleList(levels)
-        self.norm_out = GroupNorm(norm_groups, c, eps=norm_eps)
-        self.conv_out = Conv3d(c, out_channels, 3, time_padding=time_padding, space_padding=space_padding)
+        self.norm_out = blocks.norm(c)
+        self.conv_out = blocks.conv(c, out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self, self.conv_in(z))
@@ -150,12 +141,12 @@ class Decoder3D(_Checkpointed):
         return self.conv_out(silu(self.norm_out(h)))
 
 
-def _mid_block(channels: int, attention: str | None, blk: dict) -> nn.Module:
+def _mid_block(channels: int, attention: str | None, blocks: Blocks) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, **blk)
+    mid.block_1 = blocks.resnet(channels, channels)
     if attention is not None:
-        mid.attn_1 = MidAttention(channels, kind=attention, norm_groups=blk["norm_groups"], norm_eps=blk["norm_eps"])
-    mid.block_2 = ResnetBlock(channels, channels, **blk)
+        mid.attn_1 = MidAttention(channels, kind=attention, norm_groups=blocks.norm_groups, norm_eps=blocks.norm_eps)
+    mid.block_2 = blocks.resnet(channels, channels)
     return mid
 
 
@@ -196,6 +187,11 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     ("zeros" for SD2.1, "replicate" for SD3), `use_post_quant_conv` (inflated 2D VAEs),
     `shift_factor` (SD3: 0.0609) and `block_out_channels` (= ch * ch_mult, read by diffusers pipelines).
 
+    Precedence of names: diffusers' `block_out_channels`, when given, sets the widths and wins over the
+    official `ch` and `ch_mult` (which are then recorded as its first entry and its multiples); left out,
+    it is derived from them. `spatial_n_compress` and `time_n_compress` follow from the number of levels
+    (left out or None) and must agree with it when given.
+
     Videos are (B, 3, T, H, W) in [-1, 1]; latents are (B, z, 1+(T-1)//4, H/8, W/8), not scaled.
     4-D inputs are frames, (B*T, C, H, W), and give 4-D outputs (image mode).
     """
@@ -225,8 +221,8 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         shift_factor: float | None = None,
         force_upcast: bool = True,
         en_de_n_frames_a_time: int | None = 16,
-        time_n_compress: int = 4,
-        spatial_n_compress: int = 8,
+        time_n_compress: int | None = None,
+        spatial_n_compress: int | None = None,
         tile_spatial_size: int | None = 576,
         tile_overlap_ratio: float = 0.2222,
         num_video_frames: int | None = None,
@@ -239,20 +235,51 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         block_out_channels: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        if block_out_channels is not None:  # diffusers' name wins over the official ch * ch_mult (class docstring)
+            ch, ch_mult = _split_widths(block_out_channels)
         widths = [ch * m for m in ch_mult]
+        levels = len(widths)
+        spatial_n_compress = spatial_n_compress or 2 ** (levels - 1)
+        time_n_compress = time_n_compress or 2 ** sum(time_levels(levels))
         _validate(locals(), widths)
-        self.register_to_config(block_out_channels=widths)
-        common = dict(widths=widths, num_res_blocks=num_res_blocks, half_3d=half_3d, space_padding=padding_mode,
-                      norm_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout)
+        self.register_to_config(ch=ch, ch_mult=list(ch_mult), block_out_channels=widths,
+                                spatial_n_compress=spatial_n_compress, time_n_compress=time_n_compress)
+        blocks = Blocks(time_padding=padding_mode, space_padding=padding_mode, half_3d=half_3d,
+                        norm_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout)
         self.encoder = Encoder3D(in_channels=in_channels, out_channels=z_channels * (2 if double_z else 1),
-                                 attention=ENCODER_ATTENTION[encoder_attn_type], **common)
-        self.decoder = Decoder3D(in_channels=z_channels, out_channels=out_ch, time_padding=padding_mode,
-                                 attention=DECODER_ATTENTION[decoder_attn_type], **common)
+                                 widths=widths, num_res_blocks=num_res_blocks,
+                                 attention=ENCODER_ATTENTION[encoder_attn_type], blocks=replace(blocks, time_padding="causal"))
+        self.decoder = Decoder3D(in_channels=z_channels, out_channels=out_ch, widths=widths,
+                                 num_res_blocks=num_res_blocks, attention=DECODER_ATTENTION[decoder_attn_type],
+                                 blocks=blocks)
         if use_post_quant_conv:
             self.post_quant_conv = FrameConv2d(z_channels, z_channels, 1)
         self.use_slicing = False
         self.use_tiling = True  # as released: 576 px tiles whenever a frame is larger (see chunking.py)
-        self.chunk_mode = "official"
+        self._chunk_mode = "official"
+
+    @property
+    def chunk_mode(self) -> str:
+        """How `encode`/`decode` split a long clip: "official" (the released temporal rounds, the default) or
+        "full" (the whole clip in one forward; memory grows with its length). See `chunking.py`."""
+        return self._chunk_mode
+
+    @chunk_mode.setter
+    def chunk_mode(self, mode: str) -> None:
+        if mode not in CHUNK_MODES:
+            raise ConfigError(f"chunk_mode must be one of {CHUNK_MODES}, got {mode!r}")
+        self._chunk_mode = mode
+
+    def enable_tiling(self, tile_size: int | None = None) -> None:
+        """Cut frames larger than the tile size into blended spatial tiles (on by default, as released).
+
+        `tile_size` (pixels) replaces `config.tile_spatial_size` (576 for the released weights): a multiple of
+        the spatial factor of at least 4 latents. Smaller tiles use less memory; seams are blended.
+        """
+        if tile_size is not None:
+            check_tiles(tile_size, self.config.tile_overlap_ratio, self.spatial_compression_ratio)
+            self.register_to_config(tile_spatial_size=tile_size)
+        self.use_tiling = True
 
     # ----------------------------------------------------------------------------------- attributes
     @property
@@ -276,6 +303,23 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         return frames.sample_frames(num_latents, self.temporal_compression_ratio)
 
     # ----------------------------------------------------------------------------------- encode/decode
+    def encode_clip(self, x: torch.Tensor) -> torch.Tensor:
+        """Moments (B, 2z, 1+k, h, w) of a clip (B, C, 1+4k, 8h, 8w) in one forward: no temporal rounds, no
+        spatial tiles, no padding. This is what training differentiates through; `encode` is for inference."""
+        _check_video(x, self.config.in_channels, "video")
+        t, s = self.temporal_compression_ratio, self.spatial_compression_ratio
+        if (x.shape[2] - 1) % t or x.shape[-2] % s or x.shape[-1] % s:
+            raise InputError(f"encode_clip takes 1 + {t}k frames of a size divisible by {s}, got shape "
+                             f"{tuple(x.shape)} (encode pads any clip)")
+        return self.encoder(x)
+
+    def decode_clip(self, z: torch.Tensor) -> torch.Tensor:
+        """Video (B, C, 1+4(t-1), 8h, 8w) of latents (B, z, t, h, w) in one forward (see `encode_clip`)."""
+        _check_video(z, self.config.z_channels, "latent")
+        if hasattr(self, "post_quant_conv"):
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         from .chunking import encode_moments
 
@@ -288,22 +332,40 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
         if self.use_slicing and z.shape[0] > 1:
             return torch.cat([self._decode(zi) for zi in z.split(1)])
-        if hasattr(self, "post_quant_conv"):
-            z = self.post_quant_conv(z)
         return decode_latents(self, z)
+
+    def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the weights' dtype, padded at the end to 1 + 4k frames and to sizes divisible by the spatial
+        factor (replicating the last frame, row and column), with a warning that says so."""
+        t, s = self.temporal_compression_ratio, self.spatial_compression_ratio
+        T, H, W = x.shape[2:]
+        notes = [note] if (note := frames.padding_notice(T, t)) else []
+        if H % s or W % s:
+            notes.append(f"a {H}x{W} frame is not divisible by {s}: padded to {H + -H % s}x{W + -W % s} by "
+                         "repeating the last row and column")
+            x = F.pad(x, (0, -W % s, 0, -H % s, 0, 0), mode="replicate")
+        if notes:
+            warnings.warn("; ".join(notes) + ": decode returns the padded clip (cvvae.codec trims it back)",
+                          stacklevel=3)
+            x = pad_frames(x, 0, frames.padded_frames(T, t) - T)
+        weights = self.dtype
+        return x.to(weights) if x.is_floating_point() and x.dtype != weights else x
 
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
         """Encode a video (B, C, T, H, W) or frames (B*T, C, H, W) in [-1, 1] to a posterior.
 
         Frames are grouped into clips of `config.num_video_frames` (1 if unset), as the official
-        wrapper does; their latents come back as (B*t, z, h, w).
+        wrapper does; their latents come back as (B*t, z, h, w). A clip that is not 1 + 4k frames, or
+        whose size is not divisible by 8, is padded at the end with a warning (never cut). Computes in the
+        weights' dtype (inputs are cast to it) or under the caller's autocast, in the chunk mode's
+        temporal rounds and spatial tiles (`chunking.py`).
         """
         image_mode = x.ndim == 4
         if image_mode:
             x = rearrange(x, "(b t) c h w -> b c t h w", t=self._frames_per_clip(x, self.config.num_video_frames))
         _check_video(x, self.config.in_channels, "video")
-        moments = self._encode(x)
+        moments = self._encode(self._fit(x))
         if image_mode or self.config.reshape_z_dim_to_4:
             moments = rearrange(moments, "b c t h w -> (b t) c h w")
         posterior = DiagonalGaussian(moments)
@@ -326,7 +388,7 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 n = self.latent_frames(self.config.num_video_frames)
             z = rearrange(z, "(b t) c h w -> b c t h w", t=self._frames_per_clip(z, n))
         _check_video(z, self.config.z_channels, "latent")
-        x = self._decode(z)
+        x = self._decode(z.to(self.dtype) if z.is_floating_point() and z.dtype != self.dtype else z)
         if image_mode or self.config.reshape_x_dim_to_4:
             x = rearrange(x, "b c t h w -> (b t) c h w")
         return DecoderOutput(sample=x) if return_dict else (x,)
@@ -366,6 +428,14 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         return load_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
 
 
+def _split_widths(block_out_channels: Sequence[int]) -> tuple[int, list[int]]:
+    """diffusers' block_out_channels -> the official (ch, ch_mult)."""
+    widths = [int(w) for w in block_out_channels]
+    if not widths or widths[0] < 1 or any(w % widths[0] for w in widths):
+        raise ConfigError(f"block_out_channels {widths} must be multiples of their first entry (ch * ch_mult)")
+    return widths[0], [w // widths[0] for w in widths]
+
+
 def _check_video(x: torch.Tensor, channels: int, what: str) -> None:
     if x.ndim != 5 or x.shape[1] != channels:
         raise InputError(f"expected a {what} tensor (B, {channels}, T, H, W), got shape {tuple(x.shape)}")
@@ -391,9 +461,12 @@ def _validate(cfg: dict, widths: list[int]) -> None:
         fail(f"padding_mode must be 'zeros' or 'replicate', got {cfg['padding_mode']!r}")
     if any(w % cfg["norm_num_groups"] for w in widths):
         fail(f"every width {widths} must be divisible by norm_num_groups={cfg['norm_num_groups']}")
-    if cfg["block_out_channels"] is not None and list(cfg["block_out_channels"]) != widths:
-        fail(f"block_out_channels {list(cfg['block_out_channels'])} disagrees with ch * ch_mult = {widths}")
     levels = len(widths)
+    step = cfg["en_de_n_frames_a_time"]
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1
+                             or step % cfg["time_n_compress"]):
+        fail(f"en_de_n_frames_a_time must be None or a positive multiple of time_n_compress="
+             f"{cfg['time_n_compress']} (frames per temporal round), got {step!r}")
     if 2 ** (levels - 1) != cfg["spatial_n_compress"]:
         fail(f"{levels} levels compress space by {2 ** (levels - 1)}, but spatial_n_compress={cfg['spatial_n_compress']}")
     t = 2 ** sum(time_levels(levels))

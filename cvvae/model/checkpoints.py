@@ -23,9 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, ConfigError
-from .autoencoder import time_levels
+from .frames import time_levels
 
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Prefixes of wrappers around the autoencoder (Lightning modules, DDP, torch.compile, SD checkpoints).
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "vae.", "first_stage_model.", "autoencoder.")
@@ -218,76 +217,142 @@ def infer_config(sd: dict[str, torch.Tensor], layout: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ entry
+class MissingWeightsError(CheckpointError, OSError):
+    """A folder holds no weights file of the asked name (an OSError, as diffusers raises)."""
+
+
 def resolve(name_or_path: str | Path, subfolder: str | None, **hub_kwargs) -> Path:
     """A local folder or file; otherwise a hub repo id, fetched with huggingface_hub (config and
     safetensors only: the official repo also holds 905 MB pickles we never need)."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.exists():
         return path / subfolder if subfolder and path.is_dir() else path
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
+    name = str(name_or_path)
+    first = Path(name.split("/")[0]).expanduser()
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or first.exists():
         raise CheckpointError(f"weights not found: {name_or_path} (no such file or folder)")
     from huggingface_hub import snapshot_download
 
     prefix = f"{subfolder}/" if subfolder else ""
     try:
-        root = snapshot_download(str(name_or_path), allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"],
-                                 **hub_kwargs)
+        root = snapshot_download(name, allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"], **hub_kwargs)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-        raise CheckpointError(f"cannot fetch {name_or_path} from the Hugging Face hub "
-                              f"({type(e).__name__}); pass a local folder or file instead") from None
+        raise CheckpointError(f"weights not found: {name} is no local file or folder, and fetching it as a Hugging "
+                              f"Face hub id failed ({type(e).__name__}); pass a local folder or file") from None
     return Path(root) / subfolder if subfolder else Path(root)
 
 
-def find_weights(folder: Path, variant: str | None = None) -> Path:
-    names = list(WEIGHT_NAMES)
-    if variant:
-        names = [n.replace(".safetensors", f".{variant}.safetensors").replace(".bin", f".{variant}.bin") for n in names]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
+def weight_files(folder: Path, variant: str | None = None, use_safetensors: bool | None = None) -> list[Path]:
+    """The weights of a folder as diffusers names them: ``diffusion_pytorch_model[.VARIANT].safetensors`` (or
+    ``.bin``), or the shards an index names (``diffusion_pytorch_model.safetensors.index[.VARIANT].json``).
+    Without them, and without a variant, the folder's only weights file (a Lightning ``.ckpt``, a bare file)
+    that is not another variant's. ``use_safetensors``: True only safetensors, False only ``.bin``, None both."""
+    v = f".{variant}" if variant else ""
+    kinds = {True: ["safetensors"], False: ["bin"], None: ["safetensors", "bin"]}[use_safetensors]
+    for ext in kinds:
+        if (folder / f"diffusion_pytorch_model{v}.{ext}").is_file():
+            return [folder / f"diffusion_pytorch_model{v}.{ext}"]
+        index = folder / f"diffusion_pytorch_model.{ext}.index{v}.json"
+        if index.is_file():
+            return _shards(index)
     found = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
-    if len(found) == 1:
-        return found[0]
-    raise CheckpointError(f"no weights in {folder}: expected {names[0]}"
-                          + (f" (found {', '.join(p.name for p in found)})" if found else ""))
+    standard = [p for p in found if p.name.startswith("diffusion_pytorch_model")]
+    others = [p for p in found if p not in standard]
+    if not variant and use_safetensors is None and len(others) == 1 and not standard:
+        return others
+    hint = ""
+    if variants := sorted({p.name.split(".")[1].split("-")[0] for p in standard if p.name.count(".") > 1}):
+        hint = f" (it holds the variant(s) {', '.join(variants)}: pass variant=...)"
+    elif found:
+        hint = f" (found {', '.join(p.name for p in found)})"
+    raise MissingWeightsError(f"Error no file named diffusion_pytorch_model{v}.bin found in directory {folder}, nor "
+                              f"diffusion_pytorch_model{v}.safetensors or a sharded index{hint}")
 
 
-# diffusers' ModelMixin.from_pretrained options that have no meaning here (pipelines pass some of them)
-_IGNORED_LOADER_KWARGS = {"low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict",
-                          "use_safetensors", "output_loading_info", "quantization_config", "disable_mmap", "from_flax",
-                          "mirror", "use_flashpack"}
+def _shards(index: Path) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a sharded-checkpoint index ({e})") from None
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+    return [index.parent / n for n in names]
+
+
+# diffusers' ModelMixin.from_pretrained options that change how, not what, is loaded (pipelines pass some of them)
+_IGNORED_LOADER_KWARGS = {"low_cpu_mem_usage", "disable_mmap", "mirror"}
+# ... and those only diffusers' own loader implements (big-model placement), used for folders of our layout
+_PLACEMENT_KWARGS = {"device_map", "max_memory", "offload_folder", "offload_state_dict"}
+_REFUSED_LOADER_KWARGS = {"quantization_config": None, "from_flax": False, "use_flashpack": False}
 
 
 def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, config: dict | None = None,
-                    variant: str | None = None, **hub_kwargs):
+                    variant: str | None = None, use_safetensors: bool | None = None, output_loading_info: bool = False,
+                    **kwargs):
     """See `CVVAE.from_pretrained`. Keyword arguments that name config fields override the config (as in
     diffusers, e.g. tile_spatial_size=256); the others go to huggingface_hub."""
     fields = set(cls._get_init_keys(cls))
-    overrides = {k: hub_kwargs.pop(k) for k in list(hub_kwargs) if k in fields}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    placement = {k: v for k in list(kwargs) if k in _PLACEMENT_KWARGS and (v := kwargs.pop(k)) is not None}
+    for key, inert in _REFUSED_LOADER_KWARGS.items():
+        if kwargs.pop(key, inert) not in (inert, None):
+            raise TypeError(f"from_pretrained({key}=...) is not supported by {cls.__name__}")
     from huggingface_hub import snapshot_download
 
     hub = set(inspect.signature(snapshot_download).parameters)
-    unknown = sorted(set(hub_kwargs) - hub - _IGNORED_LOADER_KWARGS)
+    unknown = sorted(set(kwargs) - hub - _IGNORED_LOADER_KWARGS)
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}: neither config fields of "
                         f"{cls.__name__} nor huggingface_hub download options")
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k in hub}
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in hub}
     path = resolve(name_or_path, subfolder, **hub_kwargs)
+    if placement:
+        model = _load_placed(cls, path, placement, torch_dtype=torch_dtype, variant=variant,
+                             use_safetensors=use_safetensors, config=config, overrides=overrides)
+    else:
+        model = _load(cls, path, fields, config, overrides, variant, use_safetensors)
+        if torch_dtype is not None:
+            # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
+            torch.nn.Module.to(model, torch_dtype)
+    if output_loading_info:  # loading is strict: a mismatch raises instead of being reported here
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return model
+
+
+def _load(cls, path: Path, fields: set[str], config: dict | None, overrides: dict, variant: str | None,
+          use_safetensors: bool | None):
     folder = path if path.is_dir() else path.parent
-    weights = find_weights(path, variant) if path.is_dir() else path
-    sd = read_state_dict(weights)
+    files = weight_files(path, variant, use_safetensors) if path.is_dir() else [path]
+    sd: dict[str, torch.Tensor] = {}
+    for file in files:
+        sd.update(read_state_dict(file))
     layout = detect_layout(sd)
     sd = to_ldm(sd)
     if config is None and (folder / "config.json").is_file():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+        config = _read_config(folder)
     kwargs = config_from_json(config, fields) if config is not None else infer_config(sd, layout)
     model = cls(**{**kwargs, **overrides})
     load_weights(model, sd)
-    model.eval()
-    if torch_dtype is not None:
-        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
-        torch.nn.Module.to(model, torch_dtype)
-    return model
+    return model.eval()
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+
+
+def _load_placed(cls, path: Path, placement: dict, *, torch_dtype, variant, use_safetensors, config, overrides):
+    """device_map / max_memory / offload_folder: diffusers' own loader places the weights (accelerate's big-model
+    loading), which reads folders saved by `save_pretrained` (our layout and config) only."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not path.is_dir() or config is not None or overrides \
+            or _read_config(path).get("_class_name") not in (cls.__name__, "CVVAEModel"):
+        raise CheckpointError(f"{', '.join(sorted(placement))} need a folder written by save_pretrained (or "
+                              f"`cvvae convert`) and no config overrides; {path} is not one")
+    model = ModelMixin.from_pretrained.__func__(cls, str(path), torch_dtype=torch_dtype, variant=variant,
+                                                use_safetensors=use_safetensors, **placement)
+    return model.eval()

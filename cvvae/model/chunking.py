@@ -141,21 +141,21 @@ def tile_grid(model) -> tuple[int, int, int] | None:
 
 
 def encoder_fn(model) -> Fn:
-    """The encoder, wrapped in spatial tiling when it is on."""
+    """The encoder (`CVVAE.encode_clip`), wrapped in spatial tiling when it is on."""
     if grid := tile_grid(model):
         lt, lo, s = grid
-        return functools.partial(tiled, model.encoder, tile_in=lt * s, stride_in=(lt - lo) * s,
+        return functools.partial(tiled, model.encode_clip, tile_in=lt * s, stride_in=(lt - lo) * s,
                                  overlap_out=lo, limit_out=lt - lo)
-    return model.encoder
+    return model.encode_clip
 
 
 def decoder_fn(model) -> Fn:
-    """The decoder, wrapped in spatial tiling when it is on."""
+    """The decoder with its post_quant_conv (`CVVAE.decode_clip`), wrapped in spatial tiling when it is on."""
     if grid := tile_grid(model):
         lt, lo, s = grid
-        return functools.partial(tiled, model.decoder, tile_in=lt, stride_in=lt - lo,
+        return functools.partial(tiled, model.decode_clip, tile_in=lt, stride_in=lt - lo,
                                  overlap_out=lo * s, limit_out=(lt - lo) * s)
-    return model.decoder
+    return model.decode_clip
 
 
 def encode_step(model) -> int | None:

@@ -6,6 +6,15 @@ Worked examples with t = 4: 17 frames <-> 5 latents, 1 frame <-> 1 latent, 97 fr
 """
 
 
+def time_levels(num_levels: int) -> list[bool]:
+    """Which encoder levels halve time: every other one, starting at level 0, never the last.
+
+    The decoder's up.i (i >= 1) doubles time exactly when encoder level i-1 halves it; the temporal factor
+    is 2 ** sum(time_levels(n)) (4 for the released four levels).
+    """
+    return [i % 2 == 0 and i < num_levels - 1 for i in range(num_levels)]
+
+
 def latent_frames(num_frames: int, t: int) -> int:
     """Latent frames produced from `num_frames` frames (17 -> 5 for t=4; 16 -> 4, ragged)."""
     if num_frames < 1:
@@ -25,3 +34,11 @@ def padded_frames(num_frames: int, t: int) -> int:
     if num_frames < 1:
         raise ValueError(f"need at least one frame, got {num_frames}")
     return 1 + t * -(-(num_frames - 1) // t)  # ceil division
+
+
+def padding_notice(num_frames: int, t: int) -> str | None:
+    """The note a user gets when a clip of `num_frames` frames is padded to 1 + t*k (None when it is not)."""
+    if num_frames < 1 or (num_frames - 1) % t == 0:
+        return None
+    return (f"{num_frames} frames is not 1 + {t}k: padded to {padded_frames(num_frames, t)} by repeating the last "
+            f"frame")

@@ -13,7 +13,7 @@ Padding is explicit because it is what distinguishes the two released variants:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,14 @@ def pad_frames(x: torch.Tensor, front: int, back: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=2) if len(parts) > 1 else x
 
 
+def _norm_in_float32(norm: Callable, x: torch.Tensor, arg: Any, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """``norm(x, arg, weight, bias, eps)`` (F.group_norm or F.layer_norm) computed in float32, in x's dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return norm(x, arg, weight, bias, eps)
+    return norm(x.float(), arg, weight.float(), bias.float(), eps).to(x.dtype)
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics are always computed in float32.
 
@@ -44,20 +52,14 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        return _norm_in_float32(F.group_norm, x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (see `GroupNorm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        return _norm_in_float32(F.layer_norm, x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class Conv3d(nn.Conv3d):

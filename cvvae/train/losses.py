@@ -23,54 +23,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ..errors import ConfigError
 from ..model.autoencoder import DiagonalGaussian
+from ..model.mapping import MAPPINGS, frames_of, psi, videos_of
 from .discriminator import adaptive_weight, hinge_d_loss
 
-MAPPINGS = ("first", "average", "slice", "random")
 PIXEL_LOSSES = ("l1", "l2")
-
-
-def psi(x: torch.Tensor, mapping: str, t: int = 4, generator: torch.Generator | None = None,
-        frame_weights: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Latent-frame targets of a video (B, C, 1+t*k, H, W): (B, C, 1+k, H, W) (1 frame for `first`).
-
-    Frame 0 always maps to latent 0; group j (frames t*j+1 .. t*j+t) maps to latent j+1 through:
-    average -> the group mean; slice -> its last frame (frames 0, t, 2t, ... as released);
-    random -> one of its frames, drawn independently for every sample and group (uniformly, or in proportion to
-    `frame_weights`, one weight per frame of a group); first -> no target.
-    """
-    B, C, T, H, W = x.shape
-    if (T - 1) % t:
-        raise ValueError(f"psi needs 1 + {t}k frames, got {T}")
-    if mapping == "first" or T == 1:
-        return x[:, :, :1]
-    groups = rearrange(x[:, :, 1:], "b c (k t) h w -> b c k t h w", t=t)
-    if mapping == "average":
-        rest = groups.mean(dim=3)
-    elif mapping == "slice":
-        rest = groups[:, :, :, -1]
-    elif mapping == "random":
-        k = groups.shape[2]
-        if frame_weights is None:
-            pick = torch.randint(0, t, (B, k), generator=generator, device="cpu")
-        else:
-            probs = torch.tensor(frame_weights, dtype=torch.float64).expand(B * k, t)
-            pick = torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, k)
-        pick = pick.to(x.device)
-        index = pick[:, None, :, None, None, None].expand(B, C, k, 1, H, W)
-        rest = groups.gather(3, index).squeeze(3)
-    else:
-        raise ConfigError(f"unknown mapping {mapping!r}; use one of {MAPPINGS}")
-    return torch.cat([x[:, :, :1], rest], dim=2)
-
-
-def frames_of(x: torch.Tensor) -> torch.Tensor:
-    return rearrange(x, "b c t h w -> (b t) c h w")
 
 
 @dataclass
@@ -110,7 +71,7 @@ class CVVAELoss(nn.Module):
         if c.mapping not in MAPPINGS:
             raise ConfigError(f"unknown mapping {c.mapping!r}; use one of {MAPPINGS}")
         if (c.perceptual_weight > 0 or c.reg_perceptual_weight > 0) and lpips is None:
-            raise ConfigError("perceptual_weight > 0 needs LPIPS weights (see cvvae.train.lpips); or set it to 0")
+            raise ConfigError("perceptual_weight > 0 needs LPIPS weights (see cvvae.eval.lpips); or set it to 0")
         w = c.random_frame_weights
         if w is not None and (len(w) != t or min(w) < 0 or sum(w) <= 0):
             raise ConfigError(f"random_frame_weights needs {t} non-negative weights, not all zero; got {list(w)}")
@@ -144,9 +105,9 @@ class CVVAELoss(nn.Module):
         weight) enables the adaptive GAN weight.
         """
         c = self.config
-        posterior = model.encode(x).latent_dist
+        posterior = DiagonalGaussian(model.encode_clip(x))  # whole clips: no inference rounds or tiles in the graph
         z = posterior.sample(generator=generator)
-        xrec = model.decode(z).sample
+        xrec = model.decode_clip(z)
         nll = self.nll(x, xrec, self.logvar, c.perceptual_weight)
         kl = posterior.kl().sum() / x.shape[0]
         parts = {"nll": nll, "kl": kl, "logvar": self.logvar.detach()}
@@ -155,15 +116,15 @@ class CVVAELoss(nn.Module):
             target = psi(x, c.mapping, self.t, generator, c.random_frame_weights)
         if c.dec_reg_weight > 0 and not (self.encoder_frozen and torch.is_grad_enabled()):
             zt = z[:, :, : target.shape[2]]
-            x2d = rearrange(self.image_decoder(frames_of(zt)), "(b t) c h w -> b c t h w", b=x.shape[0])
+            x2d = videos_of(self.image_decoder(frames_of(zt)), x.shape[0])
             parts["reg_dec"] = self.nll(target, x2d, self.logvar_2d, c.reg_perceptual_weight)
             total = total + c.dec_reg_weight * parts["reg_dec"]
         if c.enc_reg_weight > 0:
             with torch.no_grad():
                 moments = self.image_encoder(frames_of(target))
             zi = DiagonalGaussian(moments).sample(generator=generator)
-            zi = rearrange(zi, "(b t) c h w -> b c t h w", b=x.shape[0])
-            xrec_enc = model.decode(zi).sample  # covers all of x, or frame 0 only for mapping "first"
+            zi = videos_of(zi, x.shape[0])
+            xrec_enc = model.decode_clip(zi)  # covers all of x, or frame 0 only for mapping "first"
             parts["reg_enc"] = self.nll(x[:, :, : xrec_enc.shape[2]], xrec_enc, self.logvar_enc, c.perceptual_weight)
             total = total + c.enc_reg_weight * parts["reg_enc"]
         if self.discriminator is not None and step >= c.disc_start and c.disc_factor > 0:

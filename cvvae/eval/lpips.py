@@ -168,3 +168,14 @@ class LPIPS(nn.Module):
             f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             dist = dist + lin((f[:n] - f[n:]).pow(2)).mean((1, 2, 3))
         return dist
+
+
+def local_lpips(trunk: str | Path | None = None) -> LPIPS | None:
+    """LPIPS for evaluation without a download: from `trunk`, else CVVAE_VGG16, else torch.hub's cached
+    `vgg16-397923af.pth`; None when none of them is on this machine (the report then says LPIPS is n/a)."""
+    if trunk is None and not os.environ.get("CVVAE_VGG16"):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_URL.rsplit("/", 1)[1]
+        if not cached.is_file():
+            return None
+        trunk = cached
+    return LPIPS(trunk)

@@ -1,0 +1,96 @@
+"""Which model: the id that latent files and datasets record, loading a model by it, a fingerprint of its
+weights, and what a model is (``cvvae info``).
+
+An id is ``"cvvae-bundled"`` (the small model shipped with the package), a local path made absolute (so that
+a command run from another folder still finds it), or a hub id as given; a subfolder is appended with ``/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .model import CVVAE
+
+BUNDLED_ID = "cvvae-bundled"
+
+# The released architectures (AILab-CVC/CV-VAE): these config fields identify them.
+_RELEASED = {
+    "released SD2.1 architecture (AILab-CVC/CV-VAE vae3d)": dict(
+        z_channels=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, padding_mode="zeros",
+        decoder_attn_type="spatial-temporal-xformer"),
+    "released SD3 architecture (AILab-CVC/CV-VAE vae3d_sd3)": dict(
+        z_channels=16, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, padding_mode="replicate"),
+}
+
+
+def model_id(weights: str | os.PathLike[str] | None, subfolder: str | None = None) -> str:
+    """The id recorded for the model of ``weights`` (None: the bundled model) and ``subfolder``."""
+    if weights is None:
+        return BUNDLED_ID
+    path = Path(weights).expanduser()
+    name = str(path.resolve()) if path.exists() else str(weights)
+    return f"{name}/{subfolder}" if subfolder else name
+
+
+def load_model(weights: str | os.PathLike[str] | None, subfolder: str | None = None) -> CVVAE:
+    """The CV-VAE of ``weights`` (a folder, weights file or hub id; with ``subfolder``), or the bundled one."""
+    if weights is None:
+        if subfolder:
+            raise CheckpointError("a subfolder needs weights to look in")
+        from .bundled import load_bundled
+
+        return load_bundled()
+    return CVVAE.from_pretrained(weights, subfolder=subfolder)
+
+
+def load_recorded(recorded: str) -> CVVAE:
+    """The model a latent file or dataset recorded (see :func:`model_id`); :class:`CheckpointError` when it
+    cannot be loaded here."""
+    if recorded == BUNDLED_ID:
+        return load_model(None)
+    if Path(recorded).exists():
+        return CVVAE.from_pretrained(recorded)
+    parts = recorded.split("/")
+    if len(parts) < 2 or recorded.startswith(("/", ".", "~")):
+        raise CheckpointError(f"weights not found: {recorded} (no such file or folder)")
+    return CVVAE.from_pretrained("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None)  # a hub id
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the parameters and buffers (names and float32 values): equal for the same weights wherever they
+    are stored and whatever dtype they were stored in, when they load to the same float32 values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def variant(model: CVVAE) -> str:
+    """The released architecture a model has, or "custom"; says nothing about its latent space (measure that
+    with ``cvvae eval --image-vae``)."""
+    cfg = model.config
+    for name, fields in _RELEASED.items():
+        if all(json.dumps(cfg.get(k)) == json.dumps(v) for k, v in fields.items()):
+            return name
+    return f"custom ({cfg.z_channels} latent channels)"
+
+
+def describe(model: CVVAE) -> dict[str, Any]:
+    """What ``cvvae info`` prints: architecture, sizes, dtype, compression, latent scaling."""
+    cfg = model.config
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    return dict(variant=variant(model), latent_channels=cfg.z_channels, block_out_channels=list(cfg.block_out_channels),
+                res_blocks_per_level=cfg.num_res_blocks, parameters=sum(p.numel() for p in model.parameters()),
+                encoder_parameters=sum(p.numel() for p in model.encoder.parameters()),
+                decoder_parameters=sum(p.numel() for p in model.decoder.parameters()),
+                dtype=",".join(dtypes), spatial_compression=model.spatial_compression_ratio,
+                temporal_compression=model.temporal_compression_ratio, decoder_attention=cfg.decoder_attn_type,
+                scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor)
