@@ -399,7 +399,7 @@ class _Status:
         """Rank 0: wait until every missing shard exists; raise when another rank failed, went silent for
         ``timeout`` seconds, or finished while shards are still missing. Status files older than ``since`` (a
         killed earlier run's) count as not reported yet."""
-        waiting, quiet_since = missing, {r: since for r in range(1, self.world)}
+        waiting, quiet_since = missing, {r: time.time() for r in range(1, self.world)}
         while waiting := [n for n in waiting if not (self.out / shard_name(n)).exists()]:
             self._show()
             now, others = time.time(), self._others()
@@ -415,7 +415,7 @@ class _Status:
                     raise InputError(f"rank {r} has not reported for {timeout:g} s and {len(waiting)} shard(s) are "
                                      "missing: is it still running? Re-run the same command to finish them")
             if all(states.get(r) == "done" for r in range(1, self.world)) and now - max(quiet_since.values(),
-                                                                                          default=since) > 30:
+                                                                                          default=0) > 30:
                 raise InputError(f"every rank finished but {len(waiting)} shard(s) are missing (e.g. "
                                  f"{shard_name(waiting[0])}): do all ranks write to the same folder? Re-run the same "
                                  "command to finish them")
