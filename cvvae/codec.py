@@ -11,9 +11,10 @@ Both follow one contract, because both run the one chunking engine (`model/chunk
 - frames: a clip that is not 1 + 4k frames is padded at the end by repeating its last frame, with a warning;
   never cut. A size not divisible by 8 is padded by replicating the last row and column: this module crops the
   result back (the caller gets the size it gave), the model API warns that it returns the padded size.
-- precision: float32 weights compute in any asked dtype (lower ones by autocast; GroupNorm and softmax stay
-  in float32, see layers.py); reduced-precision weights compute in their own dtype, and asking this module
-  for another one is an error, not ignored (`cvvae.runtime.compute_dtype`). A round whose output is not
+- precision: by default the weights' dtype; float32 weights compute in any asked dtype (lower ones by
+  autocast, "auto" = bf16 where native; GroupNorm and softmax stay in float32, see layers.py); reduced-precision
+  weights compute in their own dtype, and asking this module for another one is an error, not ignored
+  (`cvvae.runtime.compute_dtype`). A round whose output is not
   finite is recomputed in float32 when the weights allow, else it warns.
 - streaming: frames in -> latents out, latents in -> frames out, one temporal round at a time, so memory does
   not grow with the length of the video. In memory and streaming share one code path (the engine's `windows`),
@@ -111,7 +112,7 @@ class StreamEncoder:
     """Iterate to get moments (B, 2z, t_i, h, w) round by round; afterwards `num_frames`,
     `height`, `width` describe the input."""
 
-    def __init__(self, model: CVVAE, pieces: Iterable[torch.Tensor], dtype: str | torch.dtype | None = "fp32"):
+    def __init__(self, model: CVVAE, pieces: Iterable[torch.Tensor], dtype: str | torch.dtype | None = None):
         self.model = model
         self.frames = _Frames(pieces, model.spatial_compression_ratio, model.config.in_channels)
         self.fn = _precise(model, encoder_fn(model), dtype)  # resolves (and checks) the dtype now
@@ -139,7 +140,7 @@ class StreamEncoder:
         return self.frames.width
 
 
-def encode(model: CVVAE, video: torch.Tensor | Iterable[torch.Tensor], *, dtype: str | torch.dtype | None = "fp32",
+def encode(model: CVVAE, video: torch.Tensor | Iterable[torch.Tensor], *, dtype: str | torch.dtype | None = None,
            keep_logvar: bool = False) -> Latents:
     """Encode a video (B, C, T, H, W) in [-1, 1], or an iterable of pieces of one, of any T, H, W."""
     stream = StreamEncoder(model, [video] if isinstance(video, torch.Tensor) else video, dtype)
@@ -149,7 +150,7 @@ def encode(model: CVVAE, video: torch.Tensor | Iterable[torch.Tensor], *, dtype:
 
 
 def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: int | None = None,
-                  height: int | None = None, width: int | None = None, dtype: str | torch.dtype | None = "fp32",
+                  height: int | None = None, width: int | None = None, dtype: str | torch.dtype | None = None,
                   sample: bool = False, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Decode latents (B, z, t, h, w) round by round into video pieces (B, C, n, H, W), trimmed to
     `num_frames` and cropped to `height` x `width` (defaults: those recorded in `Latents`).

@@ -21,12 +21,15 @@ from .model import CVVAE
 BUNDLED_ID = "cvvae-bundled"
 
 # The released architectures (AILab-CVC/CV-VAE): these config fields identify them.
+_COMMON = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, half_3d=True, norm_num_groups=32,
+               use_post_quant_conv=False, in_channels=3, out_ch=3)
 _RELEASED = {
     "released SD2.1 architecture (AILab-CVC/CV-VAE vae3d)": dict(
-        z_channels=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, padding_mode="zeros",
+        _COMMON, z_channels=4, padding_mode="zeros", norm_eps=1e-5, encoder_attn_type="vanilla-xformers",
         decoder_attn_type="spatial-temporal-xformer"),
     "released SD3 architecture (AILab-CVC/CV-VAE vae3d_sd3)": dict(
-        z_channels=16, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, padding_mode="replicate"),
+        _COMMON, z_channels=16, padding_mode="replicate", norm_eps=1e-6, encoder_attn_type="vanilla",
+        decoder_attn_type="vanilla"),
 }
 
 

@@ -70,17 +70,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
 def compute_dtype(asked: str | torch.dtype | None, weights: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype a model with ``weights``-dtype parameters computes in when ``asked`` is requested.
 
-    float32 weights run any supported dtype (lower ones under autocast); reduced-precision weights run in their
-    own dtype: ``"auto"``/None picks it, asking for another dtype raises :class:`InputError` (load the model in
-    float32 to choose the precision per call).
+    None: the weights' own dtype. float32 weights run any supported dtype (lower ones under autocast, "auto" as
+    :func:`resolve_dtype`); reduced-precision weights run in their own dtype ("auto" picks it), and asking for
+    another one raises :class:`InputError` (load the model in float32 to choose the precision per call).
     """
+    name = DTYPE_NAMES.get(weights, str(weights))
+    if asked is None or (asked == "auto" and weights != torch.float32):
+        if weights == torch.float16 and torch.device(device).type == "cpu":
+            raise InputError("the model's weights are fp16, which does not run on a CPU: load it with "
+                             "torch_dtype=torch.float32 (or torch.bfloat16)")
+        return resolve_dtype(weights, device)
     if weights == torch.float32:
         return resolve_dtype(asked, device)
-    if asked is None or asked == "auto":
-        return resolve_dtype(weights, device)
     dtype = resolve_dtype(asked, device)
     if dtype != weights:
-        raise InputError(f"the model's weights are {DTYPE_NAMES.get(weights, weights)}, so it computes in "
-                         f"{DTYPE_NAMES.get(weights, weights)}, not {DTYPE_NAMES[dtype]}: load it in float32 "
-                         "(torch_dtype=torch.float32) to compute in another precision")
+        raise InputError(f"the model's weights are {name}, so it computes in {name}, not {DTYPE_NAMES[dtype]}: "
+                         "load it in float32 (torch_dtype=torch.float32) to compute in another precision")
     return dtype

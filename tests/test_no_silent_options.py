@@ -3,13 +3,14 @@ one-line error (exit 2), and multi-process runs that end with a clear error inst
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 
 import pytest
 import torch
 
-from cvvae import InputError, codec
+from cvvae import CVVAE, InputError, codec
 from cvvae.cli import main
 from cvvae.data import encode_dataset
 from cvvae.identity import variant
@@ -93,7 +94,6 @@ def test_encode_keeps_the_logvar_only_when_asked_and_decode_samples_from_it(tmp_
     ["encode", "x.mp4", "-o", "x.safetensors", "--crf", "0"],  # accepted and ignored
     ["encode-dataset", "x/", "-o", "y/", "--crf", "0"],
     ["encode-dataset", "x/", "-o", "y/", "--mean"],  # a no-op
-    ["encode-dataset", "x/", "-o", "y/", "--sample"],  # now --logvar, as encode
 ])
 def test_options_that_did_nothing_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -121,9 +121,9 @@ def test_info_names_an_architecture_not_a_latent_space(tmp_path, capsys):
     code, out, _ = run(capsys, "info", tmp_path / "tiny", "--json")
     assert code == 0 and json.loads(out)["variant"] == "custom (4 latent channels)"  # formerly "SD2.1-compatible"
 
-    class Released:  # the released SD2.1 config's identifying fields (shared/reference/official-cvvae-facts.md)
-        config = dict(z_channels=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, padding_mode="zeros",
-                      decoder_attn_type="spatial-temporal-xformer")
+    class Released:  # CVVAE's defaults are the released SD2.1 config (shared/reference/official-cvvae-facts.md 1.1)
+        config = {k: p.default for k, p in inspect.signature(CVVAE.__init__).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
 
     assert variant(Released).startswith("released SD2.1 architecture")
 

@@ -245,7 +245,7 @@ def test_exception_leaves_nothing(tmp_path):
         with VideoWriter(out, fps=25, codec="ffv1") as writer:  # ffv1 writes at once: no encoder delay
             writer.write(gradient(1, 32, 32)[0])
             partial = [p.name for p in tmp_path.iterdir()]
-            assert len(partial) == 1 and partial[0].startswith(".v.partial-") and partial[0].endswith(".mkv")
+            assert len(partial) == 1 and partial[0].startswith(".v.mkv.") and partial[0].endswith(".partial.mkv")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 

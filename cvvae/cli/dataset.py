@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import HelpFormatter, load_model, report
+from .common import HelpFormatter, load_model, note, report
 
 
 def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -34,6 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
     p.add_argument("--clips-per-video", type=int, default=1, help="clips drawn per video (random starts)")
     p.add_argument("--logvar", action="store_true", help="also store the posterior's logvar (so training can sample "
                    "latents: LatentDataset(sample=True))")
+    p.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)  # the former name of --logvar
     p.add_argument("--batch-size", type=int, default=1, help="clips of one shape encoded together")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding clips (0: decode in "
                    "the main process)")
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..data import encode_dataset
 
+    if args.sample:
+        note(args, "--sample is now called --logvar (it stores the posterior's logvar next to its mean)")
+        args.logvar = True
     if args.buckets and (args.frames is not None or args.size is not None):
         raise InputError("--buckets sets frames and size per bucket: drop --frames/--size")
     dist = torch.distributed

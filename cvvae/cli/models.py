@@ -105,13 +105,16 @@ def convert(args: argparse.Namespace) -> None:
 
         model = deepen(model, args.num_res_blocks)
     if args.max_shard_size:
+        from huggingface_hub.serialization import split_torch_state_dict_into_shards
+
         from ..io.files import atomic_dir
 
-        try:
-            with atomic_dir(args.output) as tmp:
-                model.save_pretrained(tmp, max_shard_size=args.max_shard_size)
-        except ValueError as e:  # huggingface_hub's size parser
-            raise InputError(f"--max-shard-size {args.max_shard_size}: {e}") from None
+        try:  # the parser diffusers' save_pretrained uses, before anything is written
+            split_torch_state_dict_into_shards({}, max_shard_size=args.max_shard_size)
+        except ValueError as e:
+            raise InputError(f"--max-shard-size {args.max_shard_size}: {e} (e.g. 200MB)") from None
+        with atomic_dir(args.output) as tmp:
+            model.save_pretrained(tmp, max_shard_size=args.max_shard_size)
     else:
         save_model_dir(model, args.output)
     summary = describe(model)

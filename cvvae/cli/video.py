@@ -127,7 +127,7 @@ def encode(args: argparse.Namespace) -> None:
 def _decoder_of(args: argparse.Namespace, meta: dict, channels: int):
     """The model to decode `channels`-channel latents with: --weights (a note when it is not the recorded one),
     else the recorded model."""
-    from ..identity import fingerprint, load_recorded, model_id
+    from ..identity import fingerprint, load_recorded
 
     recorded = meta.get("model")
     if args.weights is None:
@@ -140,6 +140,8 @@ def _decoder_of(args: argparse.Namespace, meta: dict, channels: int):
         except CVVAEError as e:  # the recorded model is not on this machine
             raise InputError(f"{args.input} was encoded by {recorded}, which cannot be loaded here ({e}); pass that "
                              "model with --weights (and --subfolder)") from None
+        if meta.get("model_sha256") not in (None, fingerprint(model)):
+            note(args, f"the weights of {recorded} changed since {args.input} was encoded")
         return set_up(model, args)
     model, chosen = load_model(args)
     if channels != model.config.z_channels:

@@ -86,7 +86,9 @@ def encode_dataset(model: CVVAE, source: str | os.PathLike[str] | Sequence[str],
     ranks; ``shards``, ``shards_reused``, ``seconds``, ``clips_per_s``); other ranks return their own counts.
     Raises :class:`InputError` when ``out_dir`` holds a dataset made with other settings, or another rank failed.
     """
-    t0, started = time.perf_counter(), time.time() - 60  # margin for clocks of other machines
+    t0 = time.perf_counter()
+    if not rank_timeout > 0:
+        raise InputError(f"rank_timeout must be a positive number of seconds, got {rank_timeout!r}")
     plan = _plan(frames, stride, size, buckets, clips_per_video, seed)
     for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                              ("shard_size", shard_size, 1)):
@@ -115,7 +117,8 @@ def encode_dataset(model: CVVAE, source: str | os.PathLike[str] | Sequence[str],
             status.finish("done")
             return dict(rank=rank, shards_done=len(todo), clips_written=status.counts["clips"],
                         skipped=status.counts["skipped"], seconds=round(time.perf_counter() - t0, 2))
-        status.wait_for(missing, rank_timeout, since=started)
+        status.start()
+        status.wait_for(missing, rank_timeout)
     except BaseException as e:
         status.finish("failed", f"{type(e).__name__}: {e}".splitlines()[0])
         raise
@@ -165,6 +168,10 @@ def _start(out: Path, meta: dict[str, Any], rank: int, world: int, has_group: bo
     Returns (all missing shards, this rank's share)."""
     missing: list[int] = []
     error = None
+    if rank == 0:  # status files of an earlier run must not speak for this one (see _Status.wait_for)
+        for stale in out.glob(".progress-rank*"):
+            if stale.name != ".progress-rank0":
+                stale.unlink(missing_ok=True)
     if rank == 0 or not has_group:
         error = _check_meta(out, meta)
         missing = [n for n in range(meta["shards"]) if not (out / shard_name(n)).exists()]
@@ -288,8 +295,10 @@ def _encode_jobs(model: CVVAE, jobs: _Jobs, out: Path, shard_size: int, batch_si
             flush(shape)
         writer.commit()
 
+    records = iter(loader)  # forks the workers (if any) before the status thread runs
+    status.start()
     try:
-        for record in loader:
+        for record in records:
             n = record["job"] // shard_size
             if writer is None or writer.n != n:
                 if writer is not None:
@@ -325,7 +334,10 @@ def _clip_meta(record: dict[str, Any], key: str, shape: torch.Size, plan: ClipPl
 
 class _Status:
     """This rank's counts and state in ``.progress-rankN``, rewritten every few seconds by a background thread
-    (so it stays fresh while a long batch encodes); rank 0 sums the counts into one bar and watches the others."""
+    (so it stays fresh while a long batch encodes); rank 0 sums the counts into one bar and watches the others.
+
+    The thread starts (:meth:`start`) after the DataLoader has forked its workers: a process must not fork while
+    a thread of its own may hold a lock."""
 
     BEAT = 2.0  # seconds between writes
 
@@ -341,19 +353,25 @@ class _Status:
                             smoothing=0.05)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._polled = 0.0
         self._write()
-        self._thread = threading.Thread(target=self._beat, name="cvvae-status", daemon=True)
-        self._thread.start()
 
     def path(self, rank: int) -> Path:
         return self.out / f".progress-rank{rank}"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="cvvae-status", daemon=True)
+            self._thread.start()
 
     def add(self, clips: int = 0, skipped: int = 0) -> None:
         with self._lock:
             self.counts["jobs"] += clips + skipped
             self.counts["clips"] += clips
             self.counts["skipped"] += skipped
-        self._show()
+        if time.monotonic() - self._polled > 0.5:
+            self._show()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.BEAT):
@@ -370,7 +388,8 @@ class _Status:
     def finish(self, state: str, error: str | None = None) -> None:
         """Stop the thread; record the final state ("done" or "failed", with the error) for rank 0."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         with self._lock:
             self.state, self.error = state, error
         self._write()
@@ -389,33 +408,35 @@ class _Status:
                 pass
         return status
 
-    def _show(self) -> None:
+    def _show(self, others: dict[int, dict[str, Any]] | None = None) -> None:
+        self._polled = time.monotonic()
         if self.bar is not None:
-            done = self.counts["jobs"] + sum(s.get("jobs", 0) for s in self._others().values())
+            others = self._others() if others is None else others
+            done = self.counts["jobs"] + sum(s.get("jobs", 0) for s in others.values())
             if done > self.bar.n:
                 self.bar.update(min(done, self.bar.total) - self.bar.n)
 
-    def wait_for(self, missing: list[int], timeout: float, since: float) -> None:
-        """Rank 0: wait until every missing shard exists; raise when another rank failed, went silent for
-        ``timeout`` seconds, or finished while shards are still missing. Status files older than ``since`` (a
-        killed earlier run's) count as not reported yet."""
-        waiting, quiet_since = missing, {r: time.time() for r in range(1, self.world)}
+    def wait_for(self, missing: list[int], timeout: float) -> None:
+        """Rank 0: wait until every missing shard exists; raise when another rank failed, its status did not
+        change for ``timeout`` seconds (rank 0's clock), or every rank finished while shards are still missing.
+        (Rank 0 deleted the other ranks' status files of earlier runs when it started: see `_start`.)"""
+        waiting, seen = missing, {}
+        changed = {r: time.monotonic() for r in range(1, self.world)}
         while waiting := [n for n in waiting if not (self.out / shard_name(n)).exists()]:
-            self._show()
-            now, others = time.time(), self._others()
-            states = {r: s.get("state") if s.get("time", 0) >= since else None for r, s in others.items()}
+            others, now = self._others(), time.monotonic()
+            self._show(others)
             for r in range(1, self.world):
-                s = others.get(r, {})
-                if states.get(r) == "failed":
+                s = others.get(r)
+                if s is not None and s != seen.get(r):
+                    seen[r], changed[r] = s, now
+                if s is not None and s.get("state") == "failed":
                     raise InputError(f"rank {r} failed ({s.get('error')}); {len(waiting)} shard(s) are missing: "
                                      "re-run the same command to finish them")
-                if states.get(r) is not None:
-                    quiet_since[r] = max(quiet_since[r], s.get("time", since))
-                if states.get(r) != "done" and now - quiet_since[r] > timeout:
+                if (s is None or s.get("state") != "done") and now - changed[r] > timeout:
                     raise InputError(f"rank {r} has not reported for {timeout:g} s and {len(waiting)} shard(s) are "
                                      "missing: is it still running? Re-run the same command to finish them")
-            if all(states.get(r) == "done" for r in range(1, self.world)) and now - max(quiet_since.values(),
-                                                                                          default=0) > 30:
+            if all(others.get(r, {}).get("state") == "done" for r in range(1, self.world)) \
+                    and now - max(changed.values(), default=0.0) > 30:
                 raise InputError(f"every rank finished but {len(waiting)} shard(s) are missing (e.g. "
                                  f"{shard_name(waiting[0])}): do all ranks write to the same folder? Re-run the same "
                                  "command to finish them")

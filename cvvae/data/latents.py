@@ -33,7 +33,7 @@ class LatentDataset(IterableDataset):
     ``path``, ``start``, ``stride``, ``fps``, ``crop``, ``orig_size``, ``bucket``, ``num_frames``, extra
     manifest columns...). ``scale=True`` gives ``(x - shift_factor) * scaling_factor`` (the SD3 convention;
     shift 0 when the model has none), what a latent diffusion model trains on; ``sample=True`` draws
-    ``mean + exp(logvar / 2) * noise`` (needs ``--sample`` at encoding), seeded by (seed, epoch, clip).
+    ``mean + exp(logvar / 2) * noise`` (needs ``--logvar`` at encoding), seeded by (seed, epoch, clip).
 
     Shards are split between DDP ranks x DataLoader workers (each shard read by exactly one of them per
     epoch; give at least as many shards as readers), shuffled per epoch (:meth:`set_epoch`) and, with

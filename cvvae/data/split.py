@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cvvae.data.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from cvvae.errors import InputError
+from cvvae.io.files import write_atomic
 from cvvae.io.video import VideoInfo, VideoWriter, probe, read_frames
 
 __all__ = ["EXCLUDED", "split_media"]
@@ -63,9 +64,7 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             with VideoWriter(target, fps=1) as writer:
                 writer.write(frame)
             record["images"].append({"source": str(path.relative_to(media)), "train": str(target.relative_to(out))})
-    tmp = record_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, record_path)
+    write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -68,9 +68,6 @@ def tune_unet(unet: nn.Module, scheduler: Any, latents: Iterable[dict[str, Any]]
     Returns the path of ``output/tuned_layers.safetensors`` (with ``tuned_layers.json``: layers, UNet class
     and config hash, objective and its settings, steps, lr, losses), both written atomically.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from safetensors.torch import save
     objective, svd = _check(unet, scheduler, latents, steps, lr, batch_size, mixed_precision, gradient_checkpointing,
                             svd)
     scaling = float(getattr(latents, "scaling_factor", SVD_SCALING_FACTOR))

@@ -35,11 +35,13 @@ class AtomicFile:
     As a context manager it yields the temporary path and commits when the block ends normally (else discards).
     """
 
-    def __init__(self, dest: str | os.PathLike[str]) -> None:
+    def __init__(self, dest: str | os.PathLike[str], *, keep_suffix: bool = False) -> None:
         self.dest = Path(dest)
         if not self.dest.parent.is_dir():
             raise InputError(f"cannot write {self.dest}: the folder {self.dest.parent} does not exist")
-        fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".partial", dir=self.dest.parent)
+        # keep_suffix: writers that pick a format by the name's suffix (PyAV) see the destination's
+        suffix = ".partial" + (self.dest.suffix if keep_suffix else "")
+        fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=suffix, dir=self.dest.parent)
         os.close(fd)
         self.tmp = Path(name)
 
@@ -90,9 +92,9 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
             except BaseException:
                 old.rename(path)
                 raise
+            shutil.rmtree(old, ignore_errors=True)  # only once the new folder is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

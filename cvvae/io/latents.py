@@ -1,10 +1,10 @@
 """The latent file: one safetensors file with the latents, optionally their logvar, and JSON metadata.
 
-Written by ``cvvae encode`` (:meth:`cvvae.codec.Latents.save`), read by ``cvvae decode``. Tensors: ``latents``
+Written by ``cvvae encode`` (:func:`cvvae.codec.save_latents`), read by ``cvvae decode`` (:func:`cvvae.codec.load_latents`). Tensors: ``latents``
 (B, z, t, h, w), unscaled posterior means, and ``logvar`` when kept. Metadata (each value JSON-encoded): the
 original ``num_frames``, ``height``, ``width`` and ``fps``; the ``model`` that made them (its id, see
 `cvvae.identity`) with its ``model_sha256``, ``z_channels``, ``scaling_factor``, ``shift_factor``; how they were
-made (``chunk_mode``, ``tile_spatial_size``, ``dtype``); ``source`` and ``cvvae_version``.
+made (``chunk_mode``, ``tile_spatial_size``); ``source`` and ``cvvae_version``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from cvvae.errors import InputError
+from cvvae.io.files import AtomicFile
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -364,7 +364,8 @@ class VideoWriter:
         self._size: tuple[int, int] | None = None
         self._stream: av.video.stream.VideoStream | None = None
         suffix = self.path.suffix
-        self._tmp = self.path.with_name(f".{self.path.stem}.partial-{secrets.token_hex(4)}{suffix}")
+        self._target = AtomicFile(self.path, keep_suffix=True)  # PyAV picks the format by the suffix
+        self._tmp = self._target.tmp
         try:
             if self.is_image:
                 self._container = av.open(str(self._tmp), "w", format="image2", options={"update": "1"})
@@ -372,7 +373,7 @@ class VideoWriter:
                 options = {"movflags": "+faststart"} if suffix.lower() in {".mp4", ".mov", ".m4v"} else {}
                 self._container = av.open(str(self._tmp), "w", options=options)
         except _AV_WRITE_ERRORS as e:
-            self._tmp.unlink(missing_ok=True)
+            self._target.discard()
             raise InputError(f"cannot write {self.path}: {_one_line(e)} (is '{suffix}' a video or image suffix?)") \
                 from None
         self._closed = False
@@ -460,10 +461,11 @@ class VideoWriter:
             raise InputError(f"cannot write {self.path}: {_one_line(e)}") from None
         self._closed = True
         try:
-            os.replace(self._tmp, self.path)
+            self._target.commit()
         except OSError as e:
-            self._tmp.unlink(missing_ok=True)
             raise InputError(f"cannot write {self.path}: {_one_line(e)}") from None
+        finally:
+            self._target.discard()
 
     def _abort(self) -> None:
         if self._closed:
@@ -473,7 +475,7 @@ class VideoWriter:
             self._container.close()
         except _AV_WRITE_ERRORS:
             pass
-        self._tmp.unlink(missing_ok=True)
+        self._target.discard()
 
 
 def _full_chroma(pix_fmt: str) -> str:

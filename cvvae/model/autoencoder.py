@@ -236,6 +236,9 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         if block_out_channels is not None:  # diffusers' name wins over the official ch * ch_mult (class docstring)
+            if list(block_out_channels) != [ch * m for m in ch_mult] and (ch, tuple(ch_mult)) != (128, (1, 2, 4, 4)):
+                warnings.warn(f"block_out_channels {list(block_out_channels)} and ch * ch_mult "
+                              f"{[ch * m for m in ch_mult]} disagree: block_out_channels is used", stacklevel=3)
             ch, ch_mult = _split_widths(block_out_channels)
         widths = [ch * m for m in ch_mult]
         levels = len(widths)

@@ -139,8 +139,9 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------ configs
 def config_from_json(cfg: dict[str, Any], init_fields: set[str]) -> dict[str, Any]:
     """Our constructor arguments from a config.json of ours or of either official class."""
+    sd3 = cfg.get("_class_name") == "CVVAESD3Model" or "layers_per_block" in cfg or "down_block_types" in cfg
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if "block_out_channels" in cfg and "ch" not in cfg:  # official CVVAESD3Model
+    if sd3:  # the official CVVAESD3Model's config, in diffusers' AutoencoderKL names
         cfg = _from_sd3_config(cfg)
     unknown = sorted(set(cfg) - init_fields)
     if unknown:
@@ -349,7 +350,7 @@ def _load_placed(cls, path: Path, placement: dict, *, torch_dtype, variant, use_
     loading), which reads folders saved by `save_pretrained` (our layout and config) only."""
     from diffusers.models.modeling_utils import ModelMixin
 
-    if not path.is_dir() or config is not None or overrides \
+    if not path.is_dir() or config is not None or overrides or not (path / "config.json").is_file() \
             or _read_config(path).get("_class_name") not in (cls.__name__, "CVVAEModel"):
         raise CheckpointError(f"{', '.join(sorted(placement))} need a folder written by save_pretrained (or "
                               f"`cvvae convert`) and no config overrides; {path} is not one")

@@ -16,10 +16,11 @@ def time_levels(num_levels: int) -> list[bool]:
 
 
 def latent_frames(num_frames: int, t: int) -> int:
-    """Latent frames produced from `num_frames` frames (17 -> 5 for t=4; 16 -> 4, ragged)."""
+    """Latent frames produced from `num_frames` frames (17 -> 5 for t=4; 16 -> 5: a clip that is not 1 + t*k
+    frames is padded up to one, never cut)."""
     if num_frames < 1:
         raise ValueError(f"need at least one frame, got {num_frames}")
-    return 1 + (num_frames - 1) // t
+    return 1 + -(-(num_frames - 1) // t)
 
 
 def sample_frames(num_latents: int, t: int) -> int:
