@@ -42,37 +42,36 @@ def model_id(weights: str | os.PathLike[str] | None, subfolder: str | None = Non
     return f"{name}/{subfolder}" if subfolder else name
 
 
-def load_model(weights: str | os.PathLike[str] | None, subfolder: str | None = None) -> CVVAE:
+def load_model(weights: str | os.PathLike[str] | None, subfolder: str | None = None, *,
+               torch_dtype: torch.dtype = torch.float32) -> CVVAE:
     """The CV-VAE of ``weights`` (a folder, weights file or hub id; with ``subfolder``), or the bundled one."""
     if weights is None:
         if subfolder:
             raise CheckpointError("a subfolder needs weights to look in")
         from .bundled import load_bundled
 
-        return load_bundled()
-    return CVVAE.from_pretrained(weights, subfolder=subfolder)
+        return load_bundled(dtype=torch_dtype)
+    return CVVAE.from_pretrained(weights, subfolder=subfolder, torch_dtype=torch_dtype)
 
 
-def load_recorded(recorded: str) -> CVVAE:
+def load_recorded(recorded: str, *, torch_dtype: torch.dtype = torch.float32) -> CVVAE:
     """The model a latent file or dataset recorded (see :func:`model_id`); :class:`CheckpointError` when it
     cannot be loaded here."""
-    if recorded == BUNDLED_ID:
-        return load_model(None)
-    if Path(recorded).exists():
-        return CVVAE.from_pretrained(recorded)
+    if recorded == BUNDLED_ID or Path(recorded).exists():
+        return load_model(None if recorded == BUNDLED_ID else recorded, torch_dtype=torch_dtype)
     parts = recorded.split("/")
     if len(parts) < 2 or recorded.startswith(("/", ".", "~")):
         raise CheckpointError(f"weights not found: {recorded} (no such file or folder)")
-    return CVVAE.from_pretrained("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None)  # a hub id
+    return load_model("/".join(parts[:2]), "/".join(parts[2:]) or None, torch_dtype=torch_dtype)  # a hub id
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the parameters and buffers (names and float32 values): equal for the same weights wherever they
-    are stored and whatever dtype they were stored in, when they load to the same float32 values."""
+    """sha256 of the parameters and buffers (names, and values rounded to bfloat16): the same for the same weights
+    wherever they are stored and in whichever dtype (float32, float16, bfloat16) they are stored or loaded."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 

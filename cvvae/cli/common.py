@@ -61,6 +61,19 @@ def note(args: argparse.Namespace, message: str) -> None:
         print(f"cvvae: note: {message}", file=sys.stderr)
 
 
+def weights_dtype(args: argparse.Namespace):
+    """The dtype to load the weights in: bf16 where a CPU computes in bf16 (--dtype auto on a native-bf16 CPU, or
+    bf16): half the memory, no casts per call, channels-last (`set_up`); float32 elsewhere, where autocast picks
+    the compute dtype per call and a round that is not finite can be recomputed in float32."""
+    import torch
+
+    from ..runtime import resolve_dtype
+
+    device = resolve_device(getattr(args, "device", None))
+    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
+    return torch.bfloat16 if device.type == "cpu" and dtype == torch.bfloat16 else torch.float32
+
+
 def load_model(args: argparse.Namespace, *, required: bool = False):
     """(CV-VAE of --weights/--subfolder on --device with --tile-size, its id). Without --weights: the bundled
     demo model (with a note), or an error when the command needs weights (`required`)."""
@@ -74,12 +87,15 @@ def load_model(args: argparse.Namespace, *, required: bool = False):
         if args.subfolder:
             raise InputError("--subfolder needs --weights")
         note(args, NOTE)
-    model = load(args.weights, args.subfolder)
+    model = load(args.weights, args.subfolder, torch_dtype=weights_dtype(args))
     return set_up(model, args), model_id(args.weights, args.subfolder)
 
 
 def set_up(model, args: argparse.Namespace):
-    """`model` with --tile-size applied, on --device, without gradients."""
+    """`model` with --tile-size applied, on --device, without gradients; bf16 weights laid out channels-last
+    (the layout the CPU's bf16 convolutions run fastest in, docs/benchmarks.md)."""
+    import torch
+
     tile = getattr(args, "tile_size", None)
     if tile == 0:
         model.disable_tiling()
@@ -90,7 +106,10 @@ def set_up(model, args: argparse.Namespace):
             s = model.spatial_compression_ratio
             raise InputError(f"--tile-size must be 0 (no tiling) or a multiple of {s} of at least {4 * s}, "
                              f"got {tile}") from None
-    return model.to(resolve_device(args.device)).requires_grad_(False)
+    model = model.to(resolve_device(args.device)).requires_grad_(False)
+    if next(model.parameters()).dtype == torch.bfloat16 and model.device.type == "cpu":
+        model.to(memory_format=torch.channels_last_3d)
+    return model
 
 
 def read_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import CVVAEError, InputError
-from .common import HelpFormatter, check_output, load_model, note, progress, read_kwargs, report, set_up
+from .common import (HelpFormatter, check_output, load_model, note, progress, read_kwargs, report, set_up,
+                     weights_dtype)
 
 
 def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -136,7 +137,7 @@ def _decoder_of(args: argparse.Namespace, meta: dict, channels: int):
         if not recorded:
             raise InputError(f"{args.input} does not say which model made it: pass --weights")
         try:
-            model = load_recorded(recorded)
+            model = load_recorded(recorded, torch_dtype=weights_dtype(args))
         except CVVAEError as e:  # the recorded model is not on this machine
             raise InputError(f"{args.input} was encoded by {recorded}, which cannot be loaded here ({e}); pass that "
                              "model with --weights (and --subfolder)") from None

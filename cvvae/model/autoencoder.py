@@ -29,7 +29,8 @@ from ..errors import ConfigError, InputError
 from . import frames
 from .frames import time_levels
 from .chunking import check_tiles
-from .layers import Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, pad_frames, silu
+from .layers import (Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, is_channels_last,
+                     pad_frames, silu)
 
 CHUNK_MODES = ("official", "full")
 
@@ -257,6 +258,7 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                                  blocks=blocks)
         if use_post_quant_conv:
             self.post_quant_conv = FrameConv2d(z_channels, z_channels, 1)
+        self.register_state_dict_post_hook(_packed)  # safetensors saves only densely packed tensors
         self.use_slicing = False
         self.use_tiling = True  # as released: 576 px tiles whenever a frame is larger (see chunking.py)
         self._chunk_mode = "official"
@@ -272,6 +274,26 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if mode not in CHUNK_MODES:
             raise ConfigError(f"chunk_mode must be one of {CHUNK_MODES}, got {mode!r}")
         self._chunk_mode = mode
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the conv weights, which `encode_clip`/`decode_clip` give their inputs too:
+        torch.contiguous_format (as loaded) or torch.channels_last_3d (`model.to(memory_format=...)`)."""
+        return torch.channels_last_3d if is_channels_last(self.encoder.conv_in.weight) else torch.contiguous_format
+
+    def to(self, *args, memory_format: torch.memory_format | None = None, **kwargs) -> "CVVAE":
+        """nn.Module.to, where `memory_format=torch.channels_last_3d` lays out every conv weight channels-last
+        (5-D ones as 3-D, the per-frame 2-D ones as 2-D), so that activations stay channels-last through the
+        whole forward: faster bf16 (and fp32) convolutions on CPUs (docs/benchmarks.md), the same arithmetic."""
+        model = super().to(*args, **kwargs) if args or kwargs else self
+        if memory_format is not None:
+            last = memory_format == torch.channels_last_3d
+            for p in model.parameters():
+                if p.ndim in (4, 5):
+                    fmt = (torch.channels_last if p.ndim == 4 else torch.channels_last_3d) if last \
+                        else torch.contiguous_format
+                    p.data = p.data.contiguous(memory_format=fmt)
+        return model
 
     def enable_tiling(self, tile_size: int | None = None) -> None:
         """Cut frames larger than the tile size into blended spatial tiles (on by default, as released).
@@ -314,11 +336,12 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if (x.shape[2] - 1) % t or x.shape[-2] % s or x.shape[-1] % s:
             raise InputError(f"encode_clip takes 1 + {t}k frames of a size divisible by {s}, got shape "
                              f"{tuple(x.shape)} (encode pads any clip)")
-        return self.encoder(x)
+        return self.encoder(x.contiguous(memory_format=self.memory_format))
 
     def decode_clip(self, z: torch.Tensor) -> torch.Tensor:
         """Video (B, C, 1+4(t-1), 8h, 8w) of latents (B, z, t, h, w) in one forward (see `encode_clip`)."""
         _check_video(z, self.config.z_channels, "latent")
+        z = z.contiguous(memory_format=self.memory_format)
         if hasattr(self, "post_quant_conv"):
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -429,6 +452,12 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
         torch_dtype = kwargs.pop("dtype", None) if torch_dtype is None else torch_dtype  # diffusers' newer alias
         return load_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
+
+
+def _packed(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
 
 
 def _split_widths(block_out_channels: Sequence[int]) -> tuple[int, list[int]]:

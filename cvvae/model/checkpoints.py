@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, ConfigError
 from .frames import time_levels
@@ -34,15 +33,18 @@ SD3_SCALING, SD3_SHIFT = 1.5305, 0.0609  # SD3's own VAE values; the released SD
 
 
 # ------------------------------------------------------------------------------------------ files
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a weights file, with wrapper prefixes stripped and non-autoencoder entries dropped
-    (a Lightning training checkpoint also holds the loss, the discriminator, the frozen 2D decoder)."""
+    (a Lightning training checkpoint also holds the loss, the discriminator, the frozen 2D decoder).
+
+    `dtype`: floating tensors in that dtype; a safetensors file is read and cast one tensor at a time, so that
+    loading in bf16 never holds the float32 weights at once."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            sd = load_file(str(path))
+            sd = _read_safetensors(path, dtype)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     elif path.suffix in TORCH_SUFFIXES:
@@ -54,9 +56,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} holds no state dict")
+        sd = {k: _cast(v, dtype) for k, v in sd.items()}
     else:
         raise CheckpointError(f"{path}: unknown weights format (use .safetensors, .ckpt, .pt, .pth or .bin)")
     return strip_wrappers(sd)
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        if dtype is None:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        keys = list(f.keys())
+    # The file is memory-mapped while open, and every page read stays resident until it is closed: reopened per
+    # tensor, a cast load holds one tensor of the stored dtype at a time (peak RSS 595 vs 1464 MiB loading the
+    # SD2.1-size model in bf16: docs/benchmarks.md).
+    out = {}
+    for k in keys:
+        with safe_open(str(path), "pt") as f:
+            out[k] = _cast(f.get_tensor(k), dtype)
+    return out
+
+
+def _cast(value: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    return value.to(dtype)
 
 
 def strip_wrappers(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -133,7 +157,8 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
                 parts.append(f"{name}: {shown}")
         raise CheckpointError("checkpoint does not fit this CV-VAE config; " + "; ".join(parts))
-    model.load_state_dict(fitted, strict=True)
+    # a model built on the meta device (`load_pretrained`) takes the loaded tensors as they are
+    model.load_state_dict(fitted, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -312,28 +337,29 @@ def load_pretrained(cls, name_or_path, *, subfolder=None, torch_dtype=None, conf
         model = _load_placed(cls, path, placement, torch_dtype=torch_dtype, variant=variant,
                              use_safetensors=use_safetensors, config=config, overrides=overrides)
     else:
-        model = _load(cls, path, fields, config, overrides, variant, use_safetensors)
-        if torch_dtype is not None:
-            # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
-            torch.nn.Module.to(model, torch_dtype)
+        model = _load(cls, path, fields, config, overrides, variant, use_safetensors,
+                      torch_dtype or torch.get_default_dtype())
     if output_loading_info:  # loading is strict: a mismatch raises instead of being reported here
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
 
 
 def _load(cls, path: Path, fields: set[str], config: dict | None, overrides: dict, variant: str | None,
-          use_safetensors: bool | None):
+          use_safetensors: bool | None, dtype: torch.dtype):
+    """The model of `path` in `dtype`: built on the meta device, then given the weights as they are read (in
+    `dtype`), so that memory holds one copy of the weights, in the asked dtype."""
     folder = path if path.is_dir() else path.parent
     files = weight_files(path, variant, use_safetensors) if path.is_dir() else [path]
     sd: dict[str, torch.Tensor] = {}
     for file in files:
-        sd.update(read_state_dict(file))
+        sd.update(read_state_dict(file, dtype))
     layout = detect_layout(sd)
     sd = to_ldm(sd)
     if config is None and (folder / "config.json").is_file():
         config = _read_config(folder)
     kwargs = config_from_json(config, fields) if config is not None else infer_config(sd, layout)
-    model = cls(**{**kwargs, **overrides})
+    with torch.device("meta"):
+        model = cls(**{**kwargs, **overrides})
     load_weights(model, sd)
     return model.eval()
 

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from .frames import padded_frames
-from .layers import pad_frames
+from .layers import dense, pad_frames
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,7 +64,7 @@ def tiled(fn: Fn, x: torch.Tensor, tile_in: int, stride_in: int, overlap_out: in
     if H <= tile_in and W <= tile_in:
         return fn(x)
     grid = [
-        [fn(x[..., i : i + tile_in, j : j + tile_in].contiguous()) for j in origins(W, tile_in, stride_in)]
+        [fn(dense(x[..., i : i + tile_in, j : j + tile_in])) for j in origins(W, tile_in, stride_in)]
         for i in origins(H, tile_in, stride_in)
     ]
     rows = []
@@ -93,7 +93,7 @@ def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None
     for piece in pieces:
         buf = piece if buf is None else torch.cat([buf, piece], dim=2)
         while step and buf.shape[2] >= step + 1:
-            yield buf[:, :, : step + 1].contiguous()  # views along T are strided: conv kernels slow down
+            yield dense(buf[:, :, : step + 1])  # views along T are strided: conv kernels slow down
             emitted = True
             buf = buf[:, :, step:]
     if buf is None:

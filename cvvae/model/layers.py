@@ -30,6 +30,18 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x packed densely in its own layout: channels-last-3d stays channels-last-3d (a slice of it, or of a
+    contiguous tensor, is strided; conv kernels slow down on strided inputs)."""
+    fmt = torch.channels_last_3d if x.ndim == 5 and is_channels_last(x) else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 5-D tensor's channels are its innermost dimension (and it is not also plain contiguous)."""
+    return x.ndim == 5 and x.stride(1) == 1 and x.shape[1] > 1
+
+
 def pad_frames(x: torch.Tensor, front: int, back: int = 0) -> torch.Tensor:
     """Replicate the first frame `front` times and the last frame `back` times along T."""
     parts = [x[:, :, :1]] * front + [x] + [x[:, :, -1:]] * back
@@ -41,6 +53,10 @@ def _norm_in_float32(norm: Callable, x: torch.Tensor, arg: Any, weight: torch.Te
     """``norm(x, arg, weight, bias, eps)`` (F.group_norm or F.layer_norm) computed in float32, in x's dtype."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return norm(x, arg, weight, bias, eps)
+    if x.device.type == "cpu":
+        # The CPU kernels take a bf16 input with float32 weights and accumulate in float32: the same bits as the
+        # casts below (tests/test_model.py), without two full-size copies (6x faster on a 1x256x9x64x64 input).
+        return norm(x, arg, weight.float(), bias.float(), eps)
     return norm(x.float(), arg, weight.float(), bias.float(), eps).to(x.dtype)
 
 
@@ -200,7 +216,8 @@ class Upsample(nn.Module):
         # frame more alive and be non-contiguous, and the next GroupNorm would copy all of it again
         # (a 272 MiB copy in a 17x128x128 SD2.1-size decode; docs/benchmarks.md).
         B, C2, T, H, W = y.shape
-        out = y.new_empty(B, C2 // 2, 2 * T - 1, H, W)
+        fmt = torch.channels_last_3d if is_channels_last(y) else torch.contiguous_format
+        out = torch.empty(B, C2 // 2, 2 * T - 1, H, W, dtype=y.dtype, device=y.device, memory_format=fmt)
         out[:, :, 0::2] = y[:, C2 // 2 :]  # n = 1: frames 2t
         out[:, :, 1::2] = y[:, : C2 // 2, 1:]  # n = 0: frames 2t - 1 (t = 0 dropped)
         return out
