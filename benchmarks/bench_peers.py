@@ -7,6 +7,7 @@
 Cases: "cvvae" is the full SD2.1-size CV-VAE (random weights) as `cvvae reconstruct --dtype auto` runs it:
 in bf16 its weights are loaded in bf16 (`CVVAE.from_pretrained(..., torch_dtype=torch.bfloat16)`) and laid out
 channels-last (`model.to(memory_format=torch.channels_last_3d)`); "cvvae-ncdhw" is the same in the plain layout.
+"bundled" is the small trained CV-VAE shipped with the package (its bf16 PSNR is that of trained weights).
 The peers are diffusers' `AutoencoderKLWan` (Wan 2.1), `AutoencoderKLCogVideoX` and `AutoencoderKLHunyuanVideo`
 with their default (released-size) configs and random weights. Every model is saved once in float32 and loaded
 with its own `from_pretrained(torch_dtype=...)`, as a user would. The official CV-VAE code is
@@ -35,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("cvvae", "cvvae-ncdhw", "wan", "cogvideox", "hunyuan")
+MODELS = ("cvvae", "cvvae-ncdhw", "bundled", "wan", "cogvideox", "hunyuan")
 DEFAULT_CASES = "cvvae:fp32,cvvae:bf16,cvvae-ncdhw:bf16,wan:fp32,wan:bf16,cogvideox:bf16,hunyuan:bf16"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OUT = Path("/tmp/cvvae_bench_peers")
 
 
 def _class(name: str):
-    if name.startswith("cvvae"):
+    if name.startswith("cvvae") or name == "bundled":
         from cvvae import CVVAE
 
         return CVVAE
@@ -55,7 +56,12 @@ def _class(name: str):
 def save(name: str) -> None:
     """The model with random weights (seed 0, default config) saved in float32, once per run."""
     torch.manual_seed(0)
-    _class(name)().save_pretrained(OUT / "models" / name.split("-")[0])
+    if name == "bundled":  # trained weights: what bf16 does to a real model's output
+        from cvvae.bundled import load_bundled
+
+        load_bundled().save_pretrained(OUT / "models" / name)
+        return
+    _architecture(name.split("-")[0]).save_pretrained(OUT / "models" / name.split("-")[0])
 
 
 def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -63,7 +69,7 @@ def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
     out channels-last, as `cvvae reconstruct` runs it."""
     model = _class(name).from_pretrained(OUT / "models" / name.split("-")[0], torch_dtype=dtype)
     model = model.eval().requires_grad_(False)
-    if name == "cvvae" and dtype != torch.float32:
+    if name in ("cvvae", "bundled") and dtype != torch.float32:
         model.to(memory_format=torch.channels_last_3d)
     return model
 
@@ -101,6 +107,16 @@ def run_case(name: str, dtype_name: str, T: int, H: int, W: int) -> dict:
     return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _architecture(name: str) -> torch.nn.Module:
+    """The model with random weights (on the current default device)."""
+    if name == "bundled":
+        from cvvae import CVVAE
+        from cvvae.bundled import bundled_path
+
+        return CVVAE.from_config(CVVAE.load_config(bundled_path()))
+    return _class(name)()
+
+
 def count_flops(name: str, T: int, H: int, W: int) -> float:
     """FLOPs of one encode + decode (on the meta device where the model allows it, else on the CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -108,7 +124,7 @@ def count_flops(name: str, T: int, H: int, W: int) -> float:
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                model = _class(name)().eval()
+                model = _architecture(name).eval()
                 x = torch.zeros(1, 3, T, H, W)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model.decode(model.encode(x).latent_dist.mode())
@@ -194,8 +210,8 @@ def main() -> None:
         gflops = flops[model] / r["seconds"] / 1e9
         fp32 = OUT / f"{model.split('-')[0]}_fp32.pt"  # cvvae-ncdhw: the same weights as cvvae
         quality = psnr(OUT / f"{model}_{dtype}.pt", fp32) if dtype != "fp32" and fp32.is_file() else None
-        speed = best[ref]["seconds"] / r["seconds"] if ref and "error" not in best[ref] else float("nan")
-        print(f"| {model} | {dtype} | {flops[model] / 1e12:.2f} | {r['seconds']:.2f} | {speed:.2f}x | {gflops:.0f} | "
+        speed = f"{best[ref]['seconds'] / r['seconds']:.2f}x" if ref and "error" not in best[ref] else "-"
+        print(f"| {model} | {dtype} | {flops[model] / 1e12:.2f} | {r['seconds']:.2f} | {speed} | {gflops:.0f} | "
               f"{gflops / ceilings[dtype]:.0%} | {r['peak_rss_mib']:.0f} | "
               + (f"{quality:.1f} dB |" if quality is not None else "- |"))
 

@@ -35,7 +35,8 @@ from .errors import InputError
 from .identity import fingerprint
 from .io.latents import read_latent_file, write_latent_file
 from .model import CVVAE, DiagonalGaussian
-from .model.chunking import Fn, decode_step, decoder_fn, encode_step, encoder_fn, run_windows, tile_size, windows
+from .model.chunking import (Fn, decode_overlap, decode_step, decoder_fn, encode_overlap, encode_step, encoder_fn,
+                             run_windows, tile_size, windows)
 from .model.frames import padding_notice
 from .runtime import DTYPES, compute_dtype, native_bf16, resolve_dtype
 
@@ -119,8 +120,10 @@ class StreamEncoder:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         t = self.model.temporal_compression_ratio
+        shared, blended = encode_overlap(self.model)
         with torch.no_grad():
-            yield from run_windows(self.fn, windows(self.frames, encode_step(self.model), pad_to=t))
+            yield from run_windows(self.fn, windows(self.frames, encode_step(self.model), pad_to=t, overlap=shared),
+                                   blended)
         n = self.frames.num_frames
         if n == 0:
             raise InputError("no frames to encode")
@@ -169,8 +172,9 @@ def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: 
                          + (" (a latent file of another model?)" if latents.ndim == 5 else ""))
     fn = _precise(model, decoder_fn(model), dtype)
     left = num_frames or model.sample_frames(latents.shape[2])
+    shared, blended = decode_overlap(model)
     with torch.no_grad():
-        for piece in run_windows(fn, windows([latents], decode_step(model))):
+        for piece in run_windows(fn, windows([latents], decode_step(model), overlap=shared), blended):
             piece = piece[:, :, :left, : height or None, : width or None]
             left -= piece.shape[2]
             yield piece
@@ -190,7 +194,8 @@ def save_latents(path: str, latents: Latents, model: CVVAE, *, model_id: str, **
     cfg = model.config
     record = dict(num_frames=latents.num_frames, height=latents.height, width=latents.width, **meta, model=model_id,
                   model_sha256=fingerprint(model), z_channels=cfg.z_channels, scaling_factor=cfg.scaling_factor,
-                  shift_factor=cfg.shift_factor, chunk_mode=model.chunk_mode, tile_spatial_size=tile_size(model),
+                  shift_factor=cfg.shift_factor, chunk_mode=model.chunk_mode, blend_overlap=model.blend_overlap
+                  if model.chunk_mode == "blend" else None, tile_spatial_size=tile_size(model),
                   cvvae_version=__version__)
     tensors = {"latents": latents.mean} if latents.logvar is None else {"latents": latents.mean,
                                                                            "logvar": latents.logvar}

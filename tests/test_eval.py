@@ -11,7 +11,8 @@ import torch
 
 from cvvae import InputError
 from cvvae.cli import build_parser
-from cvvae.eval.evaluate import NA, chunk_boundaries, evaluate
+from cvvae.eval.evaluate import NA, evaluate
+from cvvae.model.chunking import round_boundaries as chunk_boundaries
 from cvvae.eval.fvd import frechet_distance, frechet_distance_from_stats
 from cvvae.eval.report import write_report
 from cvvae.model.inflate import inflate_from_image_vae
@@ -78,7 +79,8 @@ def metrics(media, models, i3d, lpips):
 
 def test_report_files_and_structure(metrics, tmp_path):
     assert set(metrics) == {"format", "cvvae_version", "protocol", "definitions", "models", "reconstruction",
-                            "per_frame_psnr", "compatibility", "items", "skipped", "strips", "timing"}
+                            "per_frame_psnr", "per_frame_temporal_error", "compatibility", "items", "skipped",
+                            "strips", "timing"}
     assert [len(metrics["items"][k]) for k in ("videos", "images")] == [2, 1]
     assert metrics["protocol"]["videos"]["frames"] == 9 and metrics["protocol"]["videos"]["skipped"] == 1
     for name in ("random", "inflated"):
@@ -88,6 +90,8 @@ def test_report_files_and_structure(metrics, tmp_path):
         assert isinstance(rv["fvd"], float) and np.isfinite(rv["fvd"])
         assert len(metrics["per_frame_psnr"][name]) == 9  # one entry per frame
         assert len(metrics["items"]["videos"][0]["models"][name]["psnr_per_frame"]) == 9
+        assert len(metrics["per_frame_temporal_error"][name]) == 8  # one entry per transition
+        assert rv["temporal_error"] > 0 and rv["seam_ratio"] == NA  # 9 frames: no boundary 6 frames inside
     assert metrics["models"]["random"]["chunk_boundaries"] == [4]  # en_de_n_frames_a_time=4
     assert metrics["models"]["inflated"]["chunk_boundaries"] == []  # 16 frames a round: 9 frames is one round
 
@@ -233,3 +237,17 @@ def test_cli_end_to_end(media, models, tmp_path, capsys, monkeypatch):
                                "--subfolder", "z", "--videos", str(media), "-o", str(tmp_path / "r2")])
     with pytest.raises(InputError, match="--subfolder"):
         bad.func(bad)
+
+
+def test_seams_are_measured_per_mode(media):
+    """33-frame clips: the official rounds hand over at frame 16, the blend rounds over frames 13-16 and 25-28."""
+    official, blend = tiny_model(), tiny_model()
+    blend.chunk_mode = "blend"
+    m = evaluate([("official", official), ("blend", blend)], media / "bikes.mp4", None, frames=33, stride=1, size=32,
+                 progress=False)
+    assert m["models"]["official"]["seam_positions"] == [(16, 16)]
+    assert m["models"]["blend"]["seam_positions"] == [(13, 16), (25, 28)]
+    for name in ("official", "blend"):
+        row = m["items"]["videos"][0]["models"][name]
+        assert len(row["temporal_error_per_transition"]) == 32
+        assert row["seam_ratio"] > 0 and m["reconstruction"][name]["videos"]["seam_ratio"] == pytest.approx(row["seam_ratio"])

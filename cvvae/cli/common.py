@@ -38,6 +38,13 @@ def parent_parsers() -> dict[str, argparse.ArgumentParser]:
     model.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="compute precision; auto = bf16 where native (recent GPUs, AVX512-BF16 CPUs), else fp32")
     model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    model.add_argument("--chunk-mode", choices=["blend", "official", "full"], default="blend",
+                       help="temporal rounds of a long video: blend = rounds that overlap and are blended (no seams, "
+                            "4/3 the compute), official = the released 16-frame rounds (a seam every 16 frames), "
+                            "full = the whole clip in one forward (memory grows with its length)")
+    model.add_argument("--blend-overlap", type=int, metavar="N",
+                       help="latents (4 frames each) two blended rounds share beyond their boundary (default 1, the "
+                            "most the released 16-frame rounds allow)")
     model.add_argument("--tile-size", type=int, metavar="PX",
                        help="spatial tiles of this many pixels for frames larger than that (default: the model's, 576 "
                             "for the released weights; 0 = never tile). Smaller tiles need less memory; seams are "
@@ -92,9 +99,20 @@ def load_model(args: argparse.Namespace, *, required: bool = False):
 
 
 def set_up(model, args: argparse.Namespace):
-    """`model` with --tile-size applied, on --device, without gradients; bf16 weights laid out channels-last
-    (the layout the CPU's bf16 convolutions run fastest in, docs/benchmarks.md)."""
+    """`model` with --chunk-mode/--blend-overlap and --tile-size applied, on --device, without gradients; bf16
+    weights laid out channels-last (the layout the CPU's bf16 convolutions run fastest in, docs/benchmarks.md)."""
     import torch
+
+    mode, overlap = getattr(args, "chunk_mode", None), getattr(args, "blend_overlap", None)
+    if overlap is not None and mode != "blend":
+        raise InputError("--blend-overlap applies to --chunk-mode blend only")
+    try:
+        if mode is not None:
+            model.chunk_mode = mode
+        if overlap is not None:
+            model.blend_overlap = overlap
+    except ConfigError as e:
+        raise InputError(str(e).replace("blend_overlap", "--blend-overlap")) from None
 
     tile = getattr(args, "tile_size", None)
     if tile == 0:

@@ -154,7 +154,9 @@ def _meta(model: CVVAE, plan: ClipPlan, items: list[Item], source: Any, compute:
     cfg, n_jobs = model.config, len(items) * plan.clips_per_video
     return dict(format=FORMAT, version=FORMAT_VERSION, model=model_id, z_channels=cfg.z_channels,
                 scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor, dtype=DTYPE_NAMES[compute],
-                tile_spatial_size=tile_size(model), frames=plan.frames, stride=plan.stride, size=plan.size,
+                tile_spatial_size=tile_size(model), chunk_mode=model.chunk_mode,
+                blend_overlap=model.blend_overlap if model.chunk_mode == "blend" else None, frames=plan.frames,
+                stride=plan.stride, size=plan.size,
                 buckets=[list(b) for b in plan.buckets] if plan.buckets else None,
                 clips_per_video=plan.clips_per_video, fields=["mean", "logvar"] if sample else ["mean"],
                 seed=plan.seed, shard_size=shard_size, items=len(items), items_digest=digest(items), jobs=n_jobs,

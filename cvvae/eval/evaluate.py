@@ -32,13 +32,12 @@ from .. import __version__, codec
 from ..data import ClipSpec, list_items, read_clip
 from ..errors import InputError
 from ..model import CVVAE
-from ..model.chunking import encode_step
-from ..model.frames import padded_frames
+from ..model.chunking import handovers, round_boundaries
 from ..model.mapping import MAPPINGS, frames_of
 from ..runtime import compute_dtype
 from .compat import MAPPING_SEED, Compatibility, ImageVAE, reference_for_video, to01, to01_u8
 from .fvd import I3D_SIZE, frechet_distance, i3d_features, load_i3d
-from .metrics import PSNR_CAP, psnr, ssim
+from .metrics import PSNR_CAP, psnr, seam_ratio, ssim, temporal_error
 
 Source = str | os.PathLike | Sequence[Any]
 NA = "n/a"
@@ -57,8 +56,17 @@ DEFINITIONS = {
            "features of the input clips and of their reconstructions (covariances with N - 1; one clip per video). "
            "Biased for few clips (the paper's protocols use 1024-2048); n/a without --fvd-i3d.",
     "per_frame_psnr": "PSNR of frame t averaged over videos. Chunk boundaries: frame f where a new temporal round "
-                      "of the official chunked encode/decode starts (f is shared, frames f+1.. come from the next "
-                      "round); multiples of config.en_de_n_frames_a_time.",
+                      "of the chunked encode/decode starts (f is shared, frames f+1.. come from the next round; "
+                      "multiples of config.en_de_n_frames_a_time in the official mode), and in the blend mode also "
+                      "the first frame after each fade.",
+    "temporal_error": "per transition t -> t+1, mean |(y[t+1] - y[t]) - (x[t+1] - x[t])| of the uint8-rounded "
+                      "reconstruction y against the input x in [0, 1]: what flicker and jumps add; averaged over "
+                      "transitions, then over videos.",
+    "seam_ratio": "temporal error of the transitions across each handover between temporal rounds (into and out of "
+                  "the shared boundary frame of released rounds; across the frames the blend mode mixes) over that "
+                  "of the transitions 3-5 frames before and after it, pooled over the handovers of a video, averaged "
+                  "over videos; about 1 without seams. Measured at the model's own handovers (the released ones for "
+                  "the full mode, which has none); n/a when no handover lies 6+ frames inside the clip.",
     "image_mode": "(a) single frames (images, and frame 0 of each video) through the CV-VAE in image mode and "
                   "through the image VAE: PSNR between the two reconstructions (float, not rounded), each one's "
                   "PSNR vs the frame, relative error ||mu_cv - mu_2d|| / ||mu_2d|| of the latent means.",
@@ -83,12 +91,16 @@ class _Totals:
         self.ssim: list[float] = []
         self.lpips: list[float] = []
         self.curve: torch.Tensor | None = None
+        self.temporal_curve: torch.Tensor | None = None
+        self.temporal: list[float] = []
+        self.seams: list[float] = []
         self.first: list[float] = []
         self.later: list[float] = []
         self.features: list[torch.Tensor] = []
         self.seconds = 0.0
 
-    def add(self, p: torch.Tensor, s: torch.Tensor, lp: torch.Tensor | None, video: bool) -> None:
+    def add(self, p: torch.Tensor, s: torch.Tensor, lp: torch.Tensor | None, video: bool,
+            temporal: torch.Tensor | None = None, seam: float | None = None) -> None:
         self.psnr.append(float(p.mean()))
         self.ssim.append(float(s.mean()))
         if lp is not None:
@@ -97,12 +109,19 @@ class _Totals:
             self.curve = p.double() if self.curve is None else self.curve + p.double()
             self.first.append(float(p[0]))
             self.later.extend([float(p[1:].mean())] if p.numel() > 1 else [])
+        if temporal is not None and temporal.numel():
+            t = temporal.double()
+            self.temporal_curve = t if self.temporal_curve is None else self.temporal_curve + t
+            self.temporal.append(float(t.mean()))
+        if seam is not None:
+            self.seams.append(seam)
 
     def result(self, video: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"count": len(self.psnr), "psnr": _mean(self.psnr), "ssim": _mean(self.ssim),
                                "lpips": _mean(self.lpips) if self.lpips else NA}
         if video:
-            out.update(psnr_first_frame=_mean(self.first), psnr_later_frames=_mean(self.later))
+            out.update(psnr_first_frame=_mean(self.first), psnr_later_frames=_mean(self.later),
+                       temporal_error=_mean(self.temporal), seam_ratio=_mean(self.seams) if self.seams else NA)
         return out
 
 
@@ -119,12 +138,10 @@ def unique_name(name: str, taken: set[str], sep: str = "#") -> str:
     return out
 
 
-def chunk_boundaries(model: CVVAE, frames: int) -> list[int]:
-    """Frames where the official chunked encode/decode of a `frames`-frame clip starts a new round."""
-    step = encode_step(model)
-    if not step or frames <= 1:
-        return []
-    return list(range(step, padded_frames(frames, model.temporal_compression_ratio) - 1, step))
+def seam_positions(model: CVVAE, frames: int) -> list[tuple[int, int]]:
+    """Where a model's seam ratio is measured: its own round handovers; for "full" (no rounds), the released
+    ones, so that its ratio is the content's own variation at those frames."""
+    return handovers(model, frames, released=model.chunk_mode == "full")
 
 
 def _lpips(metric: torch.nn.Module, a01: torch.Tensor, b01: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -197,6 +214,7 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
         "models": {name: _model_info(model, frames) for name, model in weights},
         "reconstruction": run.reconstruction(),
         "per_frame_psnr": run.curves(),
+        "per_frame_temporal_error": run.curves(temporal=True),
         "compatibility": run.compatibility(),
         "items": run.items,
         "skipped": run.skipped,
@@ -295,10 +313,14 @@ class _Run:
         out = to01_u8(frames_of(recon))
         p, s = psnr(out, ref), ssim(out, ref)
         lp = _lpips(self.lpips, out, ref) if self.lpips is not None else None
-        totals.add(p, s, lp, video)
+        terr = temporal_error(ref, out) if video else None
+        seam = seam_ratio(terr, seam_positions(model, x.shape[2])) if video else None
+        totals.add(p, s, lp, video, terr, seam)
         row = {"psnr": float(p.mean()), "ssim": float(s.mean()), "lpips": float(lp.mean()) if lp is not None else NA}
         if video:
             row["psnr_per_frame"] = p.tolist()
+            row["temporal_error_per_transition"] = terr.tolist()
+            row["seam_ratio"] = NA if seam is None else seam
             if self.detector is not None:
                 totals.features.append(i3d_features(self.detector, out))
         c = self.compat.get(name)
@@ -321,10 +343,11 @@ class _Run:
             out[name] = {"videos": rv, "images": self.totals["images"][name].result(video=False)}
         return out
 
-    def curves(self) -> dict[str, list[float]]:
-        """Per-frame PSNR averaged over videos, per model."""
+    def curves(self, temporal: bool = False) -> dict[str, list[float]]:
+        """Per-frame PSNR (or per-transition temporal error) averaged over videos, per model."""
         videos = {name: self.totals["videos"][name] for name in self.names}
-        return {name: (v.curve / len(v.first)).tolist() if v.curve is not None else [] for name, v in videos.items()}
+        return {name: ((v.temporal_curve if temporal else v.curve) / len(v.first)).tolist()
+                if (v.temporal_curve if temporal else v.curve) is not None else [] for name, v in videos.items()}
 
     def compatibility(self) -> dict[str, Any] | str:
         if self.vae is None:
@@ -337,8 +360,9 @@ def _model_info(model: CVVAE, frames: int) -> dict[str, Any]:
     return {"latent_channels": cfg.z_channels, "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "scaling_factor": cfg.scaling_factor, "en_de_n_frames_a_time": cfg.en_de_n_frames_a_time,
-            "chunk_mode": model.chunk_mode, "tiling": bool(model.use_tiling),
-            "tile_spatial_size": cfg.tile_spatial_size, "chunk_boundaries": chunk_boundaries(model, frames)}
+            "chunk_mode": model.chunk_mode, "blend_overlap": model.blend_overlap if model.chunk_mode == "blend" else None,
+            "tiling": bool(model.use_tiling), "tile_spatial_size": cfg.tile_spatial_size,
+            "chunk_boundaries": round_boundaries(model, frames), "seam_positions": seam_positions(model, frames)}
 
 
 def _protocol(sources: dict[str, dict[str, Any]], run: _Run, frames: int, stride: int, size: int,

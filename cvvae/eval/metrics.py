@@ -7,6 +7,14 @@
   valid (unpadded) filtering, computed per channel and averaged; the same definition as
   scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
   data_range=1)`.
+- Temporal error: per transition t -> t+1, the mean absolute difference between the output's frame-to-frame
+  change and the input's, |(y[t+1] - y[t]) - (x[t+1] - x[t])|: what flicker and jumps add, which per-frame PSNR
+  averages away.
+- Seam ratio: the temporal error of the transitions across each handover between temporal rounds (into and
+  out of the shared boundary frame f of released rounds, f-1 -> f and f -> f+1; across the frames a blend mixes
+  from both rounds) over that of the transitions 3 to 5 frames before and after it (f-6 -> f-5 .. f-4 -> f-3 and
+  f+3 -> f+4 .. f+5 -> f+6 for released rounds), pooled over the handovers: about 1 without seams (the content's
+  own variation), above 1 where rounds hand over visibly.
 """
 
 from __future__ import annotations
@@ -43,3 +51,29 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1).float()
+
+
+SEAM_FAR = (3, 4, 5)  # frames between a handover and the transitions it is compared with
+
+
+def temporal_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(T-1,) temporal error of output frames y against input frames x, both (T, C, H, W) in [0, 1]."""
+    x, y = x.double(), y.double()
+    return ((y[1:] - y[:-1]) - (x[1:] - x[:-1])).abs().flatten(1).mean(1).float()
+
+
+def seam_ratio(error: torch.Tensor, spans: list[tuple[int, int]]) -> float | None:
+    """Seam ratio (module docstring) of a (T-1,) temporal error (transition t is frame t -> t+1) at the handover
+    spans (first, last frame): the transitions into the first through out of the last, over the transitions 3 to 5
+    frames before the first and after the last, pooled over the spans whose neighbourhood fits in the clip; None
+    when none does."""
+    near, far = [], []
+    for a, b in spans:
+        before = [a - 1 - d for d in SEAM_FAR]  # transition into frame a - d
+        after = [b + d for d in SEAM_FAR]  # transition out of frame b + d
+        if min(before) >= 0 and max(after) < error.shape[0]:
+            near += range(a - 1, b + 1)
+            far += before + after
+    if not near:
+        return None
+    return float(error[near].mean() / error[far].mean().clamp_min(1e-12))

@@ -71,20 +71,24 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
         f"{m['timing']['seconds']:.1f} s.",
     ])]
     b += [("h", 2, "Reconstruction"), ("table",
-          ["model", "videos", "PSNR", "SSIM", "LPIPS", "FVD", "PSNR frame 0", "PSNR frames 1+", "images",
-           "PSNR", "SSIM", "LPIPS"],
-          [[n, fmt_value(r["videos"]["count"]), fmt_value(r["videos"]["psnr"]), fmt_value(r["videos"]["ssim"], 4),
-            fmt_value(r["videos"]["lpips"], 4), fmt_value(r["videos"]["fvd"]), fmt_value(r["videos"]["psnr_first_frame"]),
-            fmt_value(r["videos"]["psnr_later_frames"]), fmt_value(r["images"]["count"]), fmt_value(r["images"]["psnr"]),
-            fmt_value(r["images"]["ssim"], 4), fmt_value(r["images"]["lpips"], 4)] for n, r in m["reconstruction"].items()]),
+          ["model", "videos", "PSNR", "SSIM", "LPIPS", "FVD", "PSNR frame 0", "PSNR frames 1+", "temporal error",
+           "seam ratio", "images", "PSNR", "SSIM", "LPIPS"],
+          [[n, *(fmt_value(v[k], d) for k, d in (("count", 2), ("psnr", 2), ("ssim", 4), ("lpips", 4), ("fvd", 2),
+                                                  ("psnr_first_frame", 2), ("psnr_later_frames", 2),
+                                                  ("temporal_error", 4), ("seam_ratio", 3)) for v in [r["videos"]]),
+            fmt_value(r["images"]["count"]), fmt_value(r["images"]["psnr"]), fmt_value(r["images"]["ssim"], 4),
+            fmt_value(r["images"]["lpips"], 4)] for n, r in m["reconstruction"].items()]),
           ("table", ["model", "latent channels", "parameters", "dtype", "scaling factor", "frames per round",
-                     "chunk boundaries (frame)"],
+                     "chunk mode", "chunk boundaries (frame)", "seam ratio measured at"],
            [[n, fmt_value(i["latent_channels"]), f"{i['parameters']:,}", i["dtype"], fmt_value(i["scaling_factor"], 5),
-             fmt_value(i["en_de_n_frames_a_time"]), ", ".join(map(str, i["chunk_boundaries"])) or "none"]
+             fmt_value(i["en_de_n_frames_a_time"]), i["chunk_mode"] + (f" (overlap {i['blend_overlap']})"
+                                                                       if i.get("blend_overlap") else ""),
+             ", ".join(map(str, i["chunk_boundaries"])) or "none", ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in i["seam_positions"]) or "-"]
             for n, i in m["models"].items()])]
     if plot:
-        b += [("h", 2, "Per-frame PSNR"), ("img", plot, "per-frame PSNR"),
-              ("p", "Dashed lines: chunk boundaries. " + DEFINITIONS["per_frame_psnr"])]
+        b += [("h", 2, "Per-frame PSNR and temporal error"), ("img", plot, "per-frame PSNR and temporal error"),
+              ("p", "Dashed lines: chunk boundaries. " + DEFINITIONS["per_frame_psnr"] + " Lower panel: "
+               + DEFINITIONS["temporal_error"] + " Seam ratio: " + DEFINITIONS["seam_ratio"])]
     c = m["compatibility"]
     b += [("h", 2, "Compatibility with the image VAE")]
     if isinstance(c, str):
@@ -185,27 +189,35 @@ def _plot(m: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 7), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    top, bottom = fig.subplots(2, 1, sharex=True)
     bounds = {n: tuple(i["chunk_boundaries"]) for n, i in m["models"].items()}
     same = len(set(bounds.values())) == 1
+    temporal = m.get("per_frame_temporal_error", {})
     for name, curve in m["per_frame_psnr"].items():
         if not curve:
             continue
-        (line,) = ax.plot(range(len(curve)), curve, marker="o", markersize=3, label=name)
-        if not same:
+        (line,) = top.plot(range(len(curve)), curve, marker="o", markersize=3, label=name)
+        if temporal.get(name):  # transition t -> t+1 drawn at t + 0.5
+            bottom.plot([t + 0.5 for t in range(len(temporal[name]))], temporal[name], marker="o", markersize=3,
+                        color=line.get_color(), label=name)
+        for ax in (top, bottom) if not same else ():
             for k, f in enumerate(bounds[name]):
                 ax.axvline(f, linestyle="--", linewidth=1, color=line.get_color(),
-                           label=f"{name}: chunk boundary" if k == 0 else None)
+                           label=f"{name}: chunk boundary" if k == 0 and ax is top else None)
     if same:
-        for k, f in enumerate(next(iter(bounds.values()))):
-            ax.axvline(f, linestyle="--", linewidth=1, color="gray", label="chunk boundary" if k == 0 else None)
-    ax.set_xlabel("frame")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title("Per-frame PSNR, averaged over videos")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for ax in (top, bottom):
+            for k, f in enumerate(next(iter(bounds.values()))):
+                ax.axvline(f, linestyle="--", linewidth=1, color="gray",
+                           label="chunk boundary" if k == 0 and ax is top else None)
+    top.set_ylabel("PSNR (dB)")
+    top.set_title("Per-frame PSNR and temporal error, averaged over videos")
+    bottom.set_xlabel("frame")
+    bottom.set_ylabel("temporal error")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend()
     fig.tight_layout()
     fig.savefig(path)
 

@@ -9,9 +9,10 @@ Time is resampled at every other level (encoder levels 0, 2, ...; the decoder mi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -32,7 +33,7 @@ from .chunking import check_tiles
 from .layers import (Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, is_channels_last,
                      pad_frames, silu)
 
-CHUNK_MODES = ("official", "full")
+CHUNK_MODES = ("official", "blend", "full")
 
 # Official attention-type names (config.json) -> the kind of MidAttention they build (None: no attention).
 ENCODER_ATTENTION = {"vanilla": "spatial", "vanilla-xformers": "spatial", "spatial": "spatial", "none": None}
@@ -262,11 +263,13 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_slicing = False
         self.use_tiling = True  # as released: 576 px tiles whenever a frame is larger (see chunking.py)
         self._chunk_mode = "official"
+        self._blend_overlap = 1
 
     @property
     def chunk_mode(self) -> str:
-        """How `encode`/`decode` split a long clip: "official" (the released temporal rounds, the default) or
-        "full" (the whole clip in one forward; memory grows with its length). See `chunking.py`."""
+        """How `encode`/`decode` split a long clip: "official" (the released temporal rounds, the default),
+        "blend" (rounds that overlap by `blend_overlap` latents, blended: no seams) or "full" (the whole clip in
+        one forward; memory grows with its length). See `chunking.py`."""
         return self._chunk_mode
 
     @chunk_mode.setter
@@ -274,6 +277,33 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if mode not in CHUNK_MODES:
             raise ConfigError(f"chunk_mode must be one of {CHUNK_MODES}, got {mode!r}")
         self._chunk_mode = mode
+
+    @contextlib.contextmanager
+    def chunking(self, mode: str, blend_overlap: int | None = None) -> Iterator["CVVAE"]:
+        """Use another chunk mode (and blend overlap) inside a `with` block, e.g. for one pipeline call."""
+        before = self._chunk_mode, self._blend_overlap
+        try:
+            self.chunk_mode = mode
+            if blend_overlap is not None:
+                self.blend_overlap = blend_overlap
+            yield self
+        finally:
+            self._chunk_mode, self._blend_overlap = before
+
+    @property
+    def blend_overlap(self) -> int:
+        """Latents (4 frames each) by which "blend" rounds overlap beyond their shared boundary (1 with the released
+        16-frame rounds; larger rounds, `en_de_n_frames_a_time`, allow more)."""
+        return self._blend_overlap
+
+    @blend_overlap.setter
+    def blend_overlap(self, latents: int) -> None:
+        from .chunking import max_blend_overlap
+
+        most = max(1, max_blend_overlap((self.config.en_de_n_frames_a_time or 0) // self.temporal_compression_ratio))
+        if isinstance(latents, bool) or not isinstance(latents, int) or not 1 <= latents <= most:
+            raise ConfigError(f"blend_overlap must be an integer from 1 to {most} with these rounds, got {latents!r}")
+        self._blend_overlap = latents
 
     @property
     def memory_format(self) -> torch.memory_format:

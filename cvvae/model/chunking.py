@@ -8,6 +8,12 @@ Modes (`model.chunk_mode`):
   with `tile_overlap_ratio` (0.2222) overlap, each tile runs through the whole encoder/decoder,
   and the overlaps are blended linearly (blending is in place: a tile blended with its upper
   neighbour is later used, blended, by the tile to its right... exactly as released).
+- "blend": rounds of the same size that overlap by `model.blend_overlap` more latents (4 frames each), whose
+  overlaps are blended linearly, in latent space when encoding and in pixel space when decoding: the seams
+  of the released rounds (a jump every 16 frames: each round has its own GroupNorm statistics, causal
+  padding and attention context) fade over the overlap. Memory is bounded by the round size, as released;
+  each round advances 4 * (4 - overlap) frames instead of 16, so one latent of overlap (the most that rounds of
+  16 frames allow) costs 4/3 the compute (docs/benchmarks.md has the measured trade).
 - "full": the whole clip in one forward (no temporal rounds, no tiles).
 Tiling follows `model.use_tiling` (enable_tiling / disable_tiling).
 """
@@ -81,9 +87,11 @@ def tiled(fn: Fn, x: torch.Tensor, tile_in: int, stride_in: int, overlap_out: in
     return torch.cat(rows, dim=-2)
 
 
-def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None = None) -> Iterator[torch.Tensor]:
+def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None = None,
+            overlap: int = 0) -> Iterator[torch.Tensor]:
     """Group a stream of clip pieces (B, C, n, H, W) into windows of `step` + 1 frames along T that
-    share one boundary frame ([0, step+1), [step, 2*step+1), ...); the last window may be shorter.
+    share `overlap` + 1 frames with the window before ([0, step+1), [step - overlap, 2*step - overlap + 1), ...);
+    the last window may be shorter (it always reaches past the one before).
 
     `step=None` gives one window holding everything. With `pad_to=t` the last window is padded by
     repeating its last frame up to 1 + t*k frames. One piece in, no copies: windows are views.
@@ -95,26 +103,46 @@ def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None
         while step and buf.shape[2] >= step + 1:
             yield dense(buf[:, :, : step + 1])  # views along T are strided: conv kernels slow down
             emitted = True
-            buf = buf[:, :, step:]
+            buf = buf[:, :, step - overlap:]
     if buf is None:
         return
-    if buf.shape[2] > 1 or not emitted:
+    if buf.shape[2] > overlap + 1 or not emitted:
         if pad_to and (buf.shape[2] - 1) % pad_to:
             buf = pad_frames(buf, 0, padded_frames(buf.shape[2], pad_to) - buf.shape[2])
         yield buf
 
 
-def run_windows(fn: Fn, wins: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """fn over each window; every window after the first drops its first output frame (the
-    boundary frame or latent it shares with the window before)."""
-    for n, w in enumerate(wins):
-        out = fn(w)
-        yield out if n == 0 else out[:, :, 1:]
+def run_windows(fn: Fn, wins: Iterable[torch.Tensor], overlap: int = 0) -> Iterator[torch.Tensor]:
+    """fn over each window, streamed: one output piece per window. Consecutive outputs share `overlap` + 1 frames
+    (or latents): the first of them is the boundary the later window starts from, whose own output is dropped (as
+    released); over the other `overlap` the earlier window's values fade into the later window's, linearly (weight
+    k / (overlap + 1) on the later one, k = 1 .. overlap). With `overlap=0` this is the released rounds exactly."""
+    shared = overlap + 1
+    wins = iter(wins)
+    window, tail = next(wins, None), None
+    while window is not None:
+        following = next(wins, None)  # one window of look-ahead: the last one keeps its tail
+        out = fn(window)
+        if tail is not None:
+            head = tail if overlap == 0 else _fade(tail, out[:, :, :shared])
+            out = torch.cat([head, out[:, :, shared:]], dim=2)
+        if following is not None:
+            out, tail = out[:, :, :-shared], out[:, :, -shared:].clone()  # frees the rest of the window
+        yield out
+        window = following
 
 
-def chunked(fn: Fn, x: torch.Tensor, step: int | None) -> torch.Tensor:
-    """Run `fn` over windows [n*step, n*step + step + 1) of x along T and join the outputs."""
-    outs = list(run_windows(fn, windows([x], step)))
+def _fade(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a -> b along T: weight k / n on b for k = 0 .. n-1 (the first of b, a window's boundary output, unused)."""
+    n = a.shape[2]
+    w = (torch.arange(n, device=b.device, dtype=torch.float32) / n).view(1, 1, n, 1, 1).to(b.dtype)
+    return a * (1 - w) + b * w
+
+
+def chunked(fn: Fn, x: torch.Tensor, step: int | None, overlap: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Run `fn` over windows [n*s, n*s + step + 1) of x along T, s = step - overlap[0], and join the outputs,
+    blended over overlap[1] output frames (see `run_windows`)."""
+    outs = list(run_windows(fn, windows([x], step, overlap=overlap[0]), overlap[1]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -169,11 +197,69 @@ def decode_step(model) -> int | None:
     return step // model.temporal_compression_ratio if step else None
 
 
+def blended_latents(model) -> int:
+    """Latents by which consecutive rounds overlap beyond the shared boundary: the model's `blend_overlap` in
+    "blend" mode, else 0."""
+    if model.chunk_mode != "blend" or not encode_step(model):
+        return 0
+    o = model.blend_overlap
+    if not 1 <= o <= max_blend_overlap(decode_step(model)):
+        raise ConfigError(f"blend_overlap={o} must be from 1 to {max_blend_overlap(decode_step(model))} with rounds "
+                          f"of {decode_step(model) + 1} latents")
+    return o
+
+
+def max_blend_overlap(step: int) -> int:
+    """The most latents two rounds of `step` + 1 latents can blend: a latent is blended between two rounds,
+    never three, so both overlaps of a round (with the one before and the one after) must fit in it."""
+    return (step + 1) // 2 - 1
+
+
+def encode_overlap(model) -> tuple[int, int]:
+    """(frames two encode windows share beyond their boundary frame, latents blended between their outputs)."""
+    o = blended_latents(model)
+    return o * model.temporal_compression_ratio, o
+
+
+def decode_overlap(model) -> tuple[int, int]:
+    """(latents two decode windows share beyond their boundary latent, frames blended between their outputs)."""
+    o = blended_latents(model)
+    return o, o * model.temporal_compression_ratio
+
+
+def round_boundaries(model, frames: int, released: bool = False) -> list[int]:
+    """The first frame of every temporal round after the first (the frame it shares with the round before) in a
+    `frames`-frame clip; none in "full" mode. `released=True`: where the released rounds start (any mode)."""
+    return [s for s, _ in _round_starts(model, frames, released) if s < frames]
+
+
+def handovers(model, frames: int, released: bool = False) -> list[tuple[int, int]]:
+    """Frame spans (first, last) where one temporal round hands over to the next: the shared boundary frame f,
+    (f, f), for the released rounds; the frames the blend mixes from both rounds, (f + 1, f + 4 * overlap), in
+    "blend" mode; none in "full" mode. `released=True`: the released rounds' handovers, whatever the mode."""
+    spans = [(s + 1, s + shared) if shared else (s, s) for s, shared in _round_starts(model, frames, released)]
+    return [(a, b) for a, b in spans if b < frames]
+
+
+def _round_starts(model, frames: int, released: bool) -> list[tuple[int, int]]:
+    """(first frame, frames shared beyond it with the round before) of every round after the first."""
+    step = model.config.en_de_n_frames_a_time if released else encode_step(model)
+    if not step or frames <= 1:
+        return []
+    shared = 0 if released else encode_overlap(model)[0]
+    T = padded_frames(frames, model.temporal_compression_ratio)
+    starts, s = [], step - shared
+    while s + shared + 1 < T:  # the round before did not reach the end
+        starts.append((s, shared))
+        s += step - shared
+    return starts
+
+
 def encode_moments(model, x: torch.Tensor) -> torch.Tensor:
     """Moments (B, 2z, t, h, w) of a video (B, C, T, H, W) under the model's chunk mode."""
-    return chunked(encoder_fn(model), x, encode_step(model))
+    return chunked(encoder_fn(model), x, encode_step(model), encode_overlap(model))
 
 
 def decode_latents(model, z: torch.Tensor) -> torch.Tensor:
     """Video (B, C, T, H, W) decoded from latents (B, z, t, h, w) under the model's chunk mode."""
-    return chunked(decoder_fn(model), z, decode_step(model))
+    return chunked(decoder_fn(model), z, decode_step(model), decode_overlap(model))

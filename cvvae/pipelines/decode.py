@@ -2,8 +2,8 @@
 
 Two ways to read n latent frames (the paper's Table 3):
 - "video" mode: the latents are one clip of CV-VAE latents; n latents -> 1 + 4(n-1) frames
-  (25 -> 97), decoded with temporal context by the official round-by-round chunking
-  (`cvvae.codec.decode`: 4 + 1 latents per round, one boundary latent shared between rounds).
+  (25 -> 97), decoded with temporal context round by round (`cvvae.codec.decode`), by default in blended
+  rounds (`chunk_mode="blend"`, as `cvvae decode`: no seam every 16 frames), or as the VAE is set.
 - "image" mode: each latent frame is an SD image latent, decoded as its own 1-frame clip; n -> n.
 
 Latents come scaled as diffusion models see them: they are mapped back with
@@ -12,6 +12,7 @@ Latents come scaled as diffusion models see them: they are mapped back with
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ def decode_video_latents(
     shift_factor: float | None = None,
     dtype: str | torch.dtype | None = None,
     chunk_size: int | None = None,
+    chunk_mode: str | None = "blend",
 ) -> torch.Tensor:
     """Decode scaled latents (B, C, F, h, w) to a video (B, 3, T, 8h, 8w), float32 in [-1, 1].
 
@@ -55,8 +57,10 @@ def decode_video_latents(
             do); otherwise as `cvvae.codec.decode` ("auto", "fp32", "bf16", "fp16" or a torch dtype),
             i.e. autocast when the weights are float32, with a float32 recompute of non-finite rounds.
         chunk_size: image mode only: frames decoded per forward (None: all at once). Video mode
-            decodes in the official temporal rounds (4 + 1 latents), in spatial tiles while
-            `vae.use_tiling` (576 px as released), one video at a time after `vae.enable_slicing()`.
+            decodes in temporal rounds of 4 + 1 latents, in spatial tiles while `vae.use_tiling` (576 px as
+            released), one video at a time after `vae.enable_slicing()`.
+        chunk_mode: video mode's rounds: "blend" (overlapping, blended: no seams; the default), "official"
+            (the released rounds), "full" (one forward), or None for the VAE's own `chunk_mode`.
     """
     if mode not in DECODE_MODES:
         raise InputError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
@@ -70,9 +74,10 @@ def decode_video_latents(
     z = latents / scale + shift
     dtype = vae.dtype if dtype is None else dtype
     if mode == "video":
-        if vae.use_slicing and z.shape[0] > 1:  # `vae.enable_slicing()`: one video at a time
-            return torch.cat([_decode(vae, zi, dtype) for zi in z.split(1)])
-        return _decode(vae, z, dtype)
+        with vae.chunking(chunk_mode) if chunk_mode is not None else contextlib.nullcontext():
+            if vae.use_slicing and z.shape[0] > 1:  # `vae.enable_slicing()`: one video at a time
+                return torch.cat([_decode(vae, zi, dtype) for zi in z.split(1)])
+            return _decode(vae, z, dtype)
     b, _, f = z.shape[:3]
     frames = z.transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (B*F, C, 1, h, w): 1-frame clips
     step = chunk_size or frames.shape[0]

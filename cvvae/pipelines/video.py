@@ -13,6 +13,8 @@ Two attributes steer decoding (see `decode.decode_video_latents`):
   1-frame clip, `decode_chunk_size` frames per forward.
 - `pipe.decode_dtype`: None (default) computes in the VAE's dtype; "auto"/"bf16"/... as `cvvae.codec`
   (autocast, which needs float32 VAE weights).
+- `pipe.decode_chunk_mode`: video mode's temporal rounds, "blend" (default: overlapping, blended, no seams),
+  "official" (the released rounds) or "full"; None keeps the VAE's own `chunk_mode`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class CVVAEDecodeMixin:
 
     vae: torch.nn.Module
     decode_dtype: str | torch.dtype | None = None
+    decode_chunk_mode: str | None = "blend"
 
     @property
     def decode_mode(self) -> DecodeMode:
@@ -49,7 +52,7 @@ class CVVAEDecodeMixin:
         """Scaled latents (B, C, F, h, w) -> video (B, 3, T, H, W) float32, T = 1 + 4(F-1) in video
         mode and F in image mode."""
         return decode_video_latents(self.vae, latents, mode=self.decode_mode, dtype=self.decode_dtype,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, chunk_mode=self.decode_chunk_mode)
 
 
 class StableVideoDiffusionCVVAEPipeline(CVVAEDecodeMixin, StableVideoDiffusionPipeline):
