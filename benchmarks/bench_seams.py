@@ -12,9 +12,10 @@ held-out parts of the sample videos (`scripts/get_sample_media.sh --with-opencv`
 trained on) with at least `--frames` frames, short side 256 px, centre crop 256x256, the first `--frames` frames.
 
 Seam ratio (`cvvae.eval.metrics.seam_ratio`): temporal error (the output's frame-to-frame change against the
-input's) across each handover between rounds over the same error 3-5 frames before and after; for "full", which
-has no rounds, at the released handovers (frames 16, 32, ...). "full at the same frames": the whole-clip forward's
-ratio at the mode's own handovers, i.e. what the content itself gives there; "excess": the mode's ratio minus it.
+input's) across handovers between rounds over the same error 3-5 frames before and after. Every mode is measured
+over the same two sets of frames: the released rounds' handovers (frames 16, 32, ...) and the blended rounds' fades
+(frames 13-16, 25-28, ...); "seam excess" is the mode's ratio minus the whole-clip forward's over those frames,
+i.e. what the rounds add to what the content itself gives there (0 without seams).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run(path: str, mode: str, overlap: int, frames: int, size: int, weights: str
     """One clip through one mode in this process, streamed as `cvvae reconstruct` does (memory bounded by a
     round): per-frame PSNR, per-transition temporal error, seconds, peak RSS."""
     from cvvae import codec
-    from cvvae.eval.evaluate import seam_positions
+    from cvvae.model.chunking import handovers
     from cvvae.eval.metrics import psnr, temporal_error
     from cvvae.identity import load_model
 
@@ -82,7 +83,10 @@ def run(path: str, mode: str, overlap: int, frames: int, size: int, weights: str
         errors += temporal_error(ref, out).tolist()
         last = ref[-1:], out[-1:]
     seconds = time.perf_counter() - t0
-    return {"psnr": psnrs, "temporal_error": errors, "boundaries": seam_positions(model, latents.num_frames),
+    with model.chunking("blend", overlap):  # where the blend rounds would fade, whatever this run's mode
+        blend = handovers(model, latents.num_frames)
+    return {"psnr": psnrs, "temporal_error": errors, "released": handovers(model, latents.num_frames, released=True),
+            "blend": blend,
             "seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -101,18 +105,16 @@ def main() -> None:
         path, mode = json.loads(args.child)
         print(json.dumps(run(path, mode, args.overlap, args.frames, args.size, args.weights, args.subfolder)))
         return
-    from cvvae.eval.metrics import seam_ratio
-
     videos = [Path(v) for v in args.videos] if args.videos else clips(args.frames)
     if not videos:
         raise SystemExit(f"no clip of {args.frames}+ frames: run scripts/get_sample_media.sh --with-opencv")
     modes = args.modes.split(",")
     print(f"# {args.frames} frames, {args.size}x{args.size}, fp32, {os.cpu_count()} threads, torch {torch.__version__}, "
           f"model {args.weights or 'bundled'}; blend overlap {args.overlap} latent(s)")
-    print("| clip | mode | PSNR dB | seam ratio | full at the same frames | excess | seconds | time vs official "
-          "| peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    pooled: dict[str, list[float]] = {m: [] for m in modes}
+    print("| clip | mode | PSNR dB | seam excess at the released handovers | seam excess at the blend fades | "
+          "seconds | time vs official | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    pooled: dict[str, list[tuple[float | None, float | None]]] = {m: [] for m in modes}
     for video in videos:
         results = {}
         for mode in modes:
@@ -123,20 +125,34 @@ def main() -> None:
             if proc.returncode:
                 raise SystemExit(proc.stderr.strip().splitlines()[-1])
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        spans = {kind: sorted({tuple(s) for r in results.values() for s in r[kind]}) for kind in ("released", "blend")}
         for mode, r in results.items():
-            spans = [tuple(s) for s in r["boundaries"]]
-            ratio = seam_ratio(torch.tensor(r["temporal_error"]), spans)
-            base = seam_ratio(torch.tensor(results["full"]["temporal_error"]), spans) if "full" in results else None
-            pooled[mode].append((ratio, base))
+            excess = [_excess(r, results.get("full"), spans[kind]) for kind in ("released", "blend")]
+            pooled[mode].append(tuple(excess))
             seconds = results.get("official", r)["seconds"]
-            print(f"| {video.stem} | {mode} | {sum(r['psnr']) / len(r['psnr']):.2f} | {_f(ratio)} | {_f(base)} | "
-                  f"{_f(None if ratio is None or base is None else ratio - base, '+.3f')} | {r['seconds']:.1f} | "
-                  f"{r['seconds'] / seconds:.2f}x | {r['peak_rss_mib']:.0f} |")
+            print(f"| {video.stem} | {mode} | {sum(r['psnr']) / len(r['psnr']):.2f} | {_f(excess[0], '+.3f')} | "
+                  f"{_f(excess[1], '+.3f')} | {r['seconds']:.1f} | {r['seconds'] / seconds:.2f}x | "
+                  f"{r['peak_rss_mib']:.0f} |")
+    print(f"# released handovers: frames {_spans(spans['released'])}; blend fades: frames {_spans(spans['blend'])}")
     for mode, pairs in pooled.items():
-        pairs = [(r, b) for r, b in pairs if r is not None and b is not None]
-        if pairs:
-            print(f"# {mode}: mean seam ratio {sum(r for r, _ in pairs) / len(pairs):.3f}, the full forward's at the "
-                  f"same frames {sum(b for _, b in pairs) / len(pairs):.3f} ({len(pairs)} clips)")
+        means = [[p[k] for p in pairs if p[k] is not None] for k in (0, 1)]
+        print(f"# {mode}: mean seam excess {_f(sum(means[0]) / len(means[0]) if means[0] else None, '+.3f')} at the "
+              f"released handovers, {_f(sum(means[1]) / len(means[1]) if means[1] else None, '+.3f')} at the blend "
+              f"fades ({len(pairs)} clips)")
+
+
+def _excess(result: dict, full: dict | None, spans: list) -> float | None:
+    """The mode's seam ratio over `spans` minus the whole-clip forward's over the same frames."""
+    from cvvae.eval.metrics import seam_ratio
+
+    if full is None or not spans:
+        return None
+    ratio, base = (seam_ratio(torch.tensor(r["temporal_error"]), spans) for r in (result, full))
+    return None if ratio is None or base is None else ratio - base
+
+
+def _spans(spans: list) -> str:
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
 def _f(value: float | None, spec: str = ".3f") -> str:

@@ -59,8 +59,8 @@ def _precise(model: CVVAE, fn: Fn, dtype: str | torch.dtype | None) -> Fn:
             y = fn(x.to(w.device, w.dtype))
         if dtype != torch.float32 and not torch.isfinite(y).all():
             if w.dtype != torch.float32:
-                warnings.warn(f"non-finite values in a {dtype} round; load the model in float32 to let cvvae "
-                              "recompute such rounds", stacklevel=3)
+                warnings.warn(f"non-finite values in a {dtype} round; load the model in float32 (on the command "
+                              "line: --dtype fp32) to let cvvae recompute such rounds", stacklevel=3)
             else:
                 warnings.warn(f"non-finite values in a {dtype} round: recomputed in float32", stacklevel=3)
                 y = fn(x.to(w.device, torch.float32))

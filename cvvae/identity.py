@@ -66,13 +66,14 @@ def load_recorded(recorded: str, *, torch_dtype: torch.dtype = torch.float32) ->
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the parameters and buffers (names, and values rounded to bfloat16): the same for the same weights
-    wherever they are stored and in whichever dtype (float32, float16, bfloat16) they are stored or loaded."""
+    """"bf16:" + sha256 of the parameters and buffers (names, and values rounded to bfloat16): the same for the same
+    weights wherever they are stored, whether stored in float32 or bfloat16 and loaded in either. (Weights stored in
+    float16 round differently; changes smaller than bfloat16's precision go unseen.)"""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+    return "bf16:" + h.hexdigest()
 
 
 def variant(model: CVVAE) -> str:

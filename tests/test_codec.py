@@ -52,7 +52,7 @@ def test_streaming_equals_in_memory(piece):
     assert stream.num_frames == 21 and (stream.height, stream.width) == (16, 16)
     torch.testing.assert_close(moments[:, :4], whole.mean, rtol=1e-6, atol=1e-6)
     frames = list(codec.decode_stream(model, whole))
-    assert len(frames) == 3 and [f.shape[2] for f in frames] == [8, 8, 5]  # 8-frame rounds, one piece per round
+    assert len(frames) == 3 and [f.shape[2] for f in frames] == [9, 8, 4]  # 8-frame rounds, one per window
     torch.testing.assert_close(torch.cat(frames, 2), model.decode(whole.mean).sample, rtol=1e-6, atol=1e-6)
 
 

@@ -240,13 +240,13 @@ def test_cli_end_to_end(media, models, tmp_path, capsys, monkeypatch):
 
 
 def test_seams_are_measured_per_mode(media):
-    """33-frame clips: the official rounds hand over at frame 16, the blend rounds over frames 13-16 and 25-28."""
+    """33-frame clips: the official rounds hand over at frame 16, the blend rounds over frames 13-16 and 25-28: both
+    models are measured over all of them."""
     official, blend = tiny_model(), tiny_model()
     blend.chunk_mode = "blend"
     m = evaluate([("official", official), ("blend", blend)], media / "bikes.mp4", None, frames=33, stride=1, size=32,
                  progress=False)
-    assert m["models"]["official"]["seam_positions"] == [(16, 16)]
-    assert m["models"]["blend"]["seam_positions"] == [(13, 16), (25, 28)]
+    assert m["protocol"]["videos"]["seam_spans"] == [(13, 16), (16, 16), (25, 28)]  # both models, the same frames
     for name in ("official", "blend"):
         row = m["items"]["videos"][0]["models"][name]
         assert len(row["temporal_error_per_transition"]) == 32

@@ -237,3 +237,24 @@ def test_upsample_interleaves_frames_into_a_contiguous_tensor(time):
         ref = rearrange(ref, "b (n c) t h w -> b c (t n) h w", n=2)[:, :, 1:]
     assert y.shape == (1, 4, 5 if time else 3, 10, 12) and y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_bf16_norms_read_bf16_directly_and_match_the_float32_casts():
+    """The CPU path that skips the full-size casts: the casts' values, up to the last bit of the bf16 rounding."""
+    from cvvae.model.layers import GroupNorm, LayerNorm
+
+    torch.manual_seed(0)
+    for norm, x in ((GroupNorm(8, 64), torch.randn(2, 64, 5, 16, 16) * 3 + 1), (LayerNorm(64), torch.randn(40, 7, 64))):
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.1)
+            norm.bias.normal_(0, 0.1)
+            xb = x.bfloat16()
+            fast = norm(xb)
+            cast = torch.nn.functional.group_norm(xb.float(), 8, norm.weight, norm.bias, norm.eps).bfloat16() \
+                if isinstance(norm, GroupNorm) else \
+                torch.nn.functional.layer_norm(xb.float(), (64,), norm.weight, norm.bias, norm.eps).bfloat16()
+        assert fast.dtype == torch.bfloat16
+        ulp = cast.float().abs().clamp_min(1e-3) * 2**-7
+        assert ((fast.float() - cast.float()).abs() <= ulp).all()
+    double = GroupNorm(8, 64).double()  # float64 keeps computing as before
+    assert double(torch.randn(1, 64, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64

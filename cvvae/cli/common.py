@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,14 @@ def weights_dtype(args: argparse.Namespace):
     the compute dtype per call and a round that is not finite can be recomputed in float32."""
     import torch
 
-    from ..runtime import resolve_dtype
+    from ..runtime import native_bf16, resolve_dtype
 
     device = resolve_device(getattr(args, "device", None))
-    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
-    return torch.bfloat16 if device.type == "cpu" and dtype == torch.bfloat16 else torch.float32
+    with warnings.catch_warnings():  # "no native bf16" is said once, when the codec resolves the same dtype
+        warnings.simplefilter("ignore")
+        dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
+    native = device.type == "cpu" and dtype == torch.bfloat16 and native_bf16(device)
+    return torch.bfloat16 if native else torch.float32
 
 
 def load_model(args: argparse.Namespace, *, required: bool = False):

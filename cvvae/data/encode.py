@@ -231,6 +231,7 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> str | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return f"{path} is unreadable ({e}): use a new output folder"
+    old = {"chunk_mode": "official", "blend_overlap": None, **old}  # written before cvvae recorded them
     diffs = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" if k != "items_digest" else "the source lists "
              "other files" for k in sorted(set(old) | set(meta)) if k not in _FREE_KEYS and old.get(k) != meta.get(k)]
     if diffs:

@@ -57,16 +57,17 @@ DEFINITIONS = {
            "Biased for few clips (the paper's protocols use 1024-2048); n/a without --fvd-i3d.",
     "per_frame_psnr": "PSNR of frame t averaged over videos. Chunk boundaries: frame f where a new temporal round "
                       "of the chunked encode/decode starts (f is shared, frames f+1.. come from the next round; "
-                      "multiples of config.en_de_n_frames_a_time in the official mode), and in the blend mode also "
-                      "the first frame after each fade.",
+                      "multiples of config.en_de_n_frames_a_time in the official mode, every 12 frames in the blend "
+                      "mode, whose rounds then fade in over the next 4 frames).",
     "temporal_error": "per transition t -> t+1, mean |(y[t+1] - y[t]) - (x[t+1] - x[t])| of the uint8-rounded "
                       "reconstruction y against the input x in [0, 1]: what flicker and jumps add; averaged over "
                       "transitions, then over videos.",
     "seam_ratio": "temporal error of the transitions across each handover between temporal rounds (into and out of "
                   "the shared boundary frame of released rounds; across the frames the blend mode mixes) over that "
                   "of the transitions 3-5 frames before and after it, pooled over the handovers of a video, averaged "
-                  "over videos; about 1 without seams. Measured at the model's own handovers (the released ones for "
-                  "the full mode, which has none); n/a when no handover lies 6+ frames inside the clip.",
+                  "over videos; about 1 without seams. Measured for every model over the same frame spans: the "
+                  "handovers of all models evaluated together and of the released rounds (protocol.videos."
+                  "seam_spans); n/a when no handover lies 6+ frames inside the clip.",
     "image_mode": "(a) single frames (images, and frame 0 of each video) through the CV-VAE in image mode and "
                   "through the image VAE: PSNR between the two reconstructions (float, not rounded), each one's "
                   "PSNR vs the frame, relative error ||mu_cv - mu_2d|| / ||mu_2d|| of the latent means.",
@@ -138,10 +139,11 @@ def unique_name(name: str, taken: set[str], sep: str = "#") -> str:
     return out
 
 
-def seam_positions(model: CVVAE, frames: int) -> list[tuple[int, int]]:
-    """Where a model's seam ratio is measured: its own round handovers; for "full" (no rounds), the released
-    ones, so that its ratio is the content's own variation at those frames."""
-    return handovers(model, frames, released=model.chunk_mode == "full")
+def seam_positions(models: Sequence[CVVAE], frames: int) -> list[tuple[int, int]]:
+    """Where seam ratios are measured, the same frames for every model compared: the round handovers of all of
+    them and the released rounds' ones (so that a whole-clip forward, which has none, is measured there too)."""
+    spans = {span for m in models for released in (False, True) for span in handovers(m, frames, released)}
+    return sorted(spans)
 
 
 def _lpips(metric: torch.nn.Module, a01: torch.Tensor, b01: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -314,7 +316,7 @@ class _Run:
         p, s = psnr(out, ref), ssim(out, ref)
         lp = _lpips(self.lpips, out, ref) if self.lpips is not None else None
         terr = temporal_error(ref, out) if video else None
-        seam = seam_ratio(terr, seam_positions(model, x.shape[2])) if video else None
+        seam = seam_ratio(terr, seam_positions([m for _, m in self.weights], x.shape[2])) if video else None
         totals.add(p, s, lp, video, terr, seam)
         row = {"psnr": float(p.mean()), "ssim": float(s.mean()), "lpips": float(lp.mean()) if lp is not None else NA}
         if video:
@@ -362,7 +364,7 @@ def _model_info(model: CVVAE, frames: int) -> dict[str, Any]:
             "scaling_factor": cfg.scaling_factor, "en_de_n_frames_a_time": cfg.en_de_n_frames_a_time,
             "chunk_mode": model.chunk_mode, "blend_overlap": model.blend_overlap if model.chunk_mode == "blend" else None,
             "tiling": bool(model.use_tiling), "tile_spatial_size": cfg.tile_spatial_size,
-            "chunk_boundaries": round_boundaries(model, frames), "seam_positions": seam_positions(model, frames)}
+            "chunk_boundaries": round_boundaries(model, frames)}
 
 
 def _protocol(sources: dict[str, dict[str, Any]], run: _Run, frames: int, stride: int, size: int,
@@ -370,6 +372,7 @@ def _protocol(sources: dict[str, dict[str, Any]], run: _Run, frames: int, stride
     features = run.real_features
     return {
         "videos": {**sources["videos"], "frames": frames, "stride": stride, "start_frame": 0,
+                   "seam_spans": seam_positions([m for _, m in run.weights], frames),
                    "resize": f"short side to {size} px (swscale, area filter when shrinking)",
                    "crop": f"centre {size}x{size}"},
         "images": {**sources["images"], "frames": 1, "resize": f"short side to {size} px", "crop":

@@ -58,7 +58,8 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
     b += [("h", 2, "Protocol"), ("ul", [
         f"Videos: {pv['source']} - {pv['evaluated']} evaluated, {pv['skipped']} skipped of {pv['listed']} listed; "
         f"{pv['frames']} frames from frame {pv['start_frame']} with stride {pv['stride']}; {pv['resize']}; "
-        f"{pv['crop']} crop.",
+        f"{pv['crop']} crop; seam ratios over frames "
+        f"{', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in pv.get('seam_spans', [])) or '(none)'}.",
         f"Images: {pi['source']} - {pi['evaluated']} evaluated, {pi['skipped']} skipped of {pi['listed']} listed; "
         f"{pi['resize']}; {pi['crop']} crop.",
         f"At most {p['max_items']} items of each kind." if p["max_items"] else "All items.",
@@ -79,11 +80,11 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
             fmt_value(r["images"]["count"]), fmt_value(r["images"]["psnr"]), fmt_value(r["images"]["ssim"], 4),
             fmt_value(r["images"]["lpips"], 4)] for n, r in m["reconstruction"].items()]),
           ("table", ["model", "latent channels", "parameters", "dtype", "scaling factor", "frames per round",
-                     "chunk mode", "chunk boundaries (frame)", "seam ratio measured at"],
+                     "chunk mode", "chunk boundaries (frame)"],
            [[n, fmt_value(i["latent_channels"]), f"{i['parameters']:,}", i["dtype"], fmt_value(i["scaling_factor"], 5),
              fmt_value(i["en_de_n_frames_a_time"]), i["chunk_mode"] + (f" (overlap {i['blend_overlap']})"
                                                                        if i.get("blend_overlap") else ""),
-             ", ".join(map(str, i["chunk_boundaries"])) or "none", ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in i["seam_positions"]) or "-"]
+             ", ".join(map(str, i["chunk_boundaries"])) or "none"]
             for n, i in m["models"].items()])]
     if plot:
         b += [("h", 2, "Per-frame PSNR and temporal error"), ("img", plot, "per-frame PSNR and temporal error"),

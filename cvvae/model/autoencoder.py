@@ -259,7 +259,6 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                                  blocks=blocks)
         if use_post_quant_conv:
             self.post_quant_conv = FrameConv2d(z_channels, z_channels, 1)
-        self.register_state_dict_post_hook(_packed)  # safetensors saves only densely packed tensors
         self.use_slicing = False
         self.use_tiling = True  # as released: 576 px tiles whenever a frame is larger (see chunking.py)
         self._chunk_mode = "official"
@@ -276,7 +275,16 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def chunk_mode(self, mode: str) -> None:
         if mode not in CHUNK_MODES:
             raise ConfigError(f"chunk_mode must be one of {CHUNK_MODES}, got {mode!r}")
+        if mode == "blend" and self._max_blend_overlap() < 1:
+            warnings.warn(f"rounds of {self.config.en_de_n_frames_a_time} frames are too short to blend (it takes 12 "
+                          "or more): the released rounds are used", stacklevel=2)
         self._chunk_mode = mode
+
+    def _max_blend_overlap(self) -> int:
+        from .chunking import max_blend_overlap
+
+        step = self.config.en_de_n_frames_a_time
+        return max_blend_overlap(step // self.temporal_compression_ratio) if step else 0
 
     @contextlib.contextmanager
     def chunking(self, mode: str, blend_overlap: int | None = None) -> Iterator["CVVAE"]:
@@ -298,11 +306,10 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     @blend_overlap.setter
     def blend_overlap(self, latents: int) -> None:
-        from .chunking import max_blend_overlap
-
-        most = max(1, max_blend_overlap((self.config.en_de_n_frames_a_time or 0) // self.temporal_compression_ratio))
-        if isinstance(latents, bool) or not isinstance(latents, int) or not 1 <= latents <= most:
-            raise ConfigError(f"blend_overlap must be an integer from 1 to {most} with these rounds, got {latents!r}")
+        most = self._max_blend_overlap()
+        if isinstance(latents, bool) or not isinstance(latents, int) or not 1 <= latents <= max(most, 1):
+            raise ConfigError(f"blend_overlap must be an integer from 1 to {most} with rounds of "
+                              f"{self.config.en_de_n_frames_a_time} frames, got {latents!r}")
         self._blend_overlap = latents
 
     @property
@@ -314,9 +321,13 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def to(self, *args, memory_format: torch.memory_format | None = None, **kwargs) -> "CVVAE":
         """nn.Module.to, where `memory_format=torch.channels_last_3d` lays out every conv weight channels-last
         (5-D ones as 3-D, the per-frame 2-D ones as 2-D), so that activations stay channels-last through the
-        whole forward: faster bf16 (and fp32) convolutions on CPUs (docs/benchmarks.md), the same arithmetic."""
+        whole forward: faster bf16 (and fp32) convolutions on CPUs (docs/benchmarks.md), the same arithmetic;
+        `torch.contiguous_format` lays them out plainly again, `torch.preserve_format` leaves them."""
         model = super().to(*args, **kwargs) if args or kwargs else self
-        if memory_format is not None:
+        if memory_format not in (None, torch.preserve_format):
+            if memory_format not in (torch.channels_last_3d, torch.contiguous_format):
+                raise ValueError(f"memory_format must be torch.channels_last_3d or torch.contiguous_format for a "
+                                 f"video model, got {memory_format}")
             last = memory_format == torch.channels_last_3d
             for p in model.parameters():
                 if p.ndim in (4, 5):
@@ -324,6 +335,17 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                         else torch.contiguous_format
                     p.data = p.data.contiguous(memory_format=fmt)
         return model
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """diffusers' save_pretrained; a channels-last model is saved in the plain layout (safetensors stores densely
+        packed tensors only) and keeps its layout."""
+        layout = self.memory_format
+        if layout != torch.contiguous_format:
+            self.to(memory_format=torch.contiguous_format)
+        try:
+            super().save_pretrained(*args, **kwargs)
+        finally:
+            self.to(memory_format=layout)
 
     def enable_tiling(self, tile_size: int | None = None) -> None:
         """Cut frames larger than the tile size into blended spatial tiles (on by default, as released).
@@ -482,12 +504,6 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
         torch_dtype = kwargs.pop("dtype", None) if torch_dtype is None else torch_dtype  # diffusers' newer alias
         return load_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
-
-
-def _packed(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and not value.is_contiguous():
-            state_dict[key] = value.contiguous()
 
 
 def _split_widths(block_out_channels: Sequence[int]) -> tuple[int, list[int]]:

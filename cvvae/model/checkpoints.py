@@ -56,7 +56,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} holds no state dict")
-        sd = {k: _cast(v, dtype) for k, v in sd.items()}
+        sd = {k: _cast(v, dtype) for k, v in strip_wrappers(sd).items()}  # the autoencoder's tensors only
     else:
         raise CheckpointError(f"{path}: unknown weights format (use .safetensors, .ckpt, .pt, .pth or .bin)")
     return strip_wrappers(sd)
@@ -64,11 +64,11 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
 
 def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
+        keys = [k for k in f.keys() if _model_key(k) is not None] or list(f.keys())  # the autoencoder's tensors
         if dtype is None:
-            return {k: f.get_tensor(k) for k in f.keys()}
-        keys = list(f.keys())
+            return {k: f.get_tensor(k) for k in keys}
     # The file is memory-mapped while open, and every page read stays resident until it is closed: reopened per
-    # tensor, a cast load holds one tensor of the stored dtype at a time (peak RSS 595 vs 1464 MiB loading the
+    # tensor, a cast load holds one tensor of the stored dtype at a time (peak RSS 790 vs 1464 MiB loading the
     # SD2.1-size model in bf16: docs/benchmarks.md).
     out = {}
     for k in keys:
@@ -83,19 +83,20 @@ def _cast(value: Any, dtype: torch.dtype | None) -> Any:
     return value.to(dtype)
 
 
+def _model_key(key: str) -> str | None:
+    """The autoencoder's name of a checkpoint key without its wrapper prefixes, or None for other entries."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, stripped = key[len(p) :], True
+    return key if key.startswith(MODEL_ROOTS) else None
+
+
 def strip_wrappers(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for p in WRAPPER_PREFIXES:
-                if key.startswith(p):
-                    key, stripped = key[len(p) :], True
-        if key.startswith(MODEL_ROOTS):
-            out[key] = value
+    out = {name: value for key, value in sd.items()
+           if isinstance(value, torch.Tensor) and (name := _model_key(key)) is not None}
     if not out:
         raise CheckpointError("no encoder/decoder weights found in the checkpoint")
     return out
@@ -157,8 +158,16 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
                 parts.append(f"{name}: {shown}")
         raise CheckpointError("checkpoint does not fit this CV-VAE config; " + "; ".join(parts))
-    # a model built on the meta device (`load_pretrained`) takes the loaded tensors as they are
-    model.load_state_dict(fitted, strict=True, assign=any(p.is_meta for p in model.parameters()))
+    # a model built on the meta device (`load_pretrained`) takes the loaded tensors as they are, each with its own
+    # memory (a torch file may hold tied tensors or views of one storage, which safetensors refuses to save)
+    assign = any(p.is_meta for p in model.parameters())
+    if assign:
+        seen: set[int] = set()
+        for k, v in fitted.items():
+            ptr = v.untyped_storage().data_ptr()
+            fitted[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+    model.load_state_dict(fitted, strict=True, assign=assign)
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -113,23 +113,26 @@ def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None
 
 
 def run_windows(fn: Fn, wins: Iterable[torch.Tensor], overlap: int = 0) -> Iterator[torch.Tensor]:
-    """fn over each window, streamed: one output piece per window. Consecutive outputs share `overlap` + 1 frames
-    (or latents): the first of them is the boundary the later window starts from, whose own output is dropped (as
-    released); over the other `overlap` the earlier window's values fade into the later window's, linearly (weight
-    k / (overlap + 1) on the later one, k = 1 .. overlap). With `overlap=0` this is the released rounds exactly."""
-    shared = overlap + 1
-    wins = iter(wins)
-    window, tail = next(wins, None), None
-    while window is not None:
-        following = next(wins, None)  # one window of look-ahead: the last one keeps its tail
-        out = fn(window)
+    """fn over each window, streamed. Consecutive outputs share `overlap` + 1 frames (or latents): the first of
+    them is the boundary the later window starts from, whose own output is dropped (as released); over the other
+    `overlap` the earlier window's values fade into the later window's, linearly (weight k / (overlap + 1) on the
+    later one, k = 1 .. overlap). With `overlap=0` these are the released rounds: one piece per window. Blended,
+    each window's last frames wait for the next window, and the last ones come as a final piece."""
+    if overlap == 0:
+        for n, w in enumerate(wins):
+            out = fn(w)
+            yield out if n == 0 else out[:, :, 1:]
+        return
+    shared, tail = overlap + 1, None
+    for w in wins:
+        out = fn(w)
         if tail is not None:
-            head = tail if overlap == 0 else _fade(tail, out[:, :, :shared])
-            out = torch.cat([head, out[:, :, shared:]], dim=2)
-        if following is not None:
-            out, tail = out[:, :, :-shared], out[:, :, -shared:].clone()  # frees the rest of the window
-        yield out
-        window = following
+            out = torch.cat([_fade(tail, out[:, :, :shared]), out[:, :, shared:]], dim=2)
+        out, tail = out[:, :, :-shared], out[:, :, -shared:].clone()  # frees the rest of the window
+        if out.shape[2]:
+            yield out
+    if tail is not None:
+        yield tail
 
 
 def _fade(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -200,8 +203,8 @@ def decode_step(model) -> int | None:
 def blended_latents(model) -> int:
     """Latents by which consecutive rounds overlap beyond the shared boundary: the model's `blend_overlap` in
     "blend" mode, else 0."""
-    if model.chunk_mode != "blend" or not encode_step(model):
-        return 0
+    if model.chunk_mode != "blend" or not encode_step(model) or max_blend_overlap(decode_step(model)) < 1:
+        return 0  # rounds too short to blend (CVVAE.chunk_mode warns): the released rounds
     o = model.blend_overlap
     if not 1 <= o <= max_blend_overlap(decode_step(model)):
         raise ConfigError(f"blend_overlap={o} must be from 1 to {max_blend_overlap(decode_step(model))} with rounds "
