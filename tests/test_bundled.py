@@ -84,3 +84,15 @@ def test_cli_reconstruct_uses_the_bundled_model_without_weights(tmp_path, capsys
     assert probe(out).num_frames == 5
     assert main(["reconstruct", str(src), "-o", str(tmp_path / "r2.mp4"), "--max-frames", "5"]) == 0
     assert "note: using the bundled demo CV-VAE" in capsys.readouterr().err
+
+
+def test_info_of_the_bundled_model_gives_what_it_measures_on_unseen_scenes(capsys):
+    import json
+
+    from cvvae.bundled import MEASURED
+    from cvvae.cli import main
+
+    assert main(["info", str(BUNDLED_DIR / "cvvae"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["variant"] == "the bundled demo model"
+    assert info["unseen_scenes_psnr_256px"] == MEASURED["unseen_scenes_psnr_256px"] < info["bicubic_8x_psnr_256px"]

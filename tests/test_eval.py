@@ -79,7 +79,7 @@ def metrics(media, models, i3d, lpips):
 
 def test_report_files_and_structure(metrics, tmp_path):
     assert set(metrics) == {"format", "cvvae_version", "protocol", "definitions", "models", "reconstruction",
-                            "per_frame_psnr", "per_frame_temporal_error", "compatibility", "items", "skipped",
+                            "baselines", "per_frame_psnr", "per_frame_temporal_error", "compatibility", "items", "skipped",
                             "strips", "timing"}
     assert [len(metrics["items"][k]) for k in ("videos", "images")] == [2, 1]
     assert metrics["protocol"]["videos"]["frames"] == 9 and metrics["protocol"]["videos"]["skipped"] == 1
@@ -251,3 +251,17 @@ def test_seams_are_measured_per_mode(media):
         row = m["items"]["videos"][0]["models"][name]
         assert len(row["temporal_error_per_transition"]) == 32
         assert row["seam_ratio"] > 0 and m["reconstruction"][name]["videos"]["seam_ratio"] == pytest.approx(row["seam_ratio"])
+
+
+def test_bicubic_baseline_by_hand_and_in_the_report(media, tmp_path):
+    from cvvae.eval.evaluate import bicubic_codec
+    from cvvae.eval.report import write_report
+
+    x = torch.rand(1, 3, 2, 32, 48) * 2 - 1
+    small = torch.nn.functional.interpolate(x[:, :, 1], size=(4, 6), mode="bicubic", antialias=True)
+    by_hand = torch.nn.functional.interpolate(small, size=(32, 48), mode="bicubic").clamp(-1, 1)
+    torch.testing.assert_close(bicubic_codec(x)[:, :, 1], by_hand)
+    m = evaluate([("tiny", tiny_model())], media / "bikes.mp4", None, baselines=["bicubic-8x"], **KW)
+    assert set(m["reconstruction"]) == {"tiny", "bicubic-8x"} and "bicubic-8x" in m["baselines"]
+    assert 10 < m["reconstruction"]["bicubic-8x"]["videos"]["psnr"] < 40
+    assert "bicubic-8x" in (write_report(m, tmp_path / "r") / "report.md").read_text()

@@ -40,6 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
     arg("--fvd-i3d", metavar="PATH", help="I3D TorchScript file for FVD (StyleGAN-V's i3d_torchscript.pt); "
                                           "FVD is n/a without it (never downloaded)")
     arg("--max-items", type=int, metavar="N", help="evaluate at most N readable items of each kind")
+    arg("--baseline", action="append", choices=["bicubic-8x"], default=[],
+        help="a trivial codec measured on the same frames (bicubic-8x: each frame shrunk 8x and enlarged back)")
     arg("--dtype", default="fp32", choices=DTYPE_CHOICES, help="compute precision (the paper evaluates in fp32)")
     arg("--device", help="cpu or cuda (default: cuda when available)")
     arg("-o", "--output", required=True, metavar="DIR", help="report folder (replaced if it exists)")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     lpips = local_lpips(args.lpips_vgg16)
     metrics = evaluate(weights, args.videos, args.images, frames=args.frames, stride=args.stride, size=args.size,
                        image_vae=image_vae, max_items=args.max_items, lpips=lpips.to(device) if lpips else None,
-                       fvd_i3d=args.fvd_i3d, dtype=args.dtype, progress=not (args.quiet or args.json))
+                       fvd_i3d=args.fvd_i3d, dtype=args.dtype, progress=not (args.quiet or args.json),
+                       baselines=args.baseline)
     write_report(metrics, out)
     summary, lines = _summary(metrics, out)
     report(args, summary, lines)

@@ -128,5 +128,10 @@ def info(args: argparse.Namespace) -> None:
     from ..model import CVVAE
 
     s = describe(CVVAE.from_pretrained(args.weights, subfolder=args.subfolder))
+    from ..bundled import MEASURED, bundled_path
+
+    folder = Path(args.weights).expanduser() / (args.subfolder or "")
+    if folder.exists() and folder.resolve() == bundled_path().resolve():  # the bundled model: what it measures
+        s.update(variant="the bundled demo model", **MEASURED)
     report(args, s, [f"{k.replace('_', ' '):>22}: {v:,}" if isinstance(v, int) and not isinstance(v, bool)
                      else f"{k.replace('_', ' '):>22}: {v}" for k, v in s.items()])

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import __version__, codec
 from ..data import ClipSpec, list_items, read_clip
@@ -177,10 +178,12 @@ def _read(item: dict[str, Any], spec: ClipSpec, kind: str) -> tuple[dict[str, An
 def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: Source | None = None, *,
              frames: int = 33, stride: int = 3, size: int = 256, image_vae: Any | None = None,
              max_items: int | None = None, lpips: torch.nn.Module | None = None,
-             fvd_i3d: str | os.PathLike | None = None, dtype: str = "fp32", progress: bool = True) -> dict[str, Any]:
+             fvd_i3d: str | os.PathLike | None = None, dtype: str = "fp32", progress: bool = True,
+             baselines: Sequence[str] = ()) -> dict[str, Any]:
     """Reconstruction metrics (PSNR/SSIM/LPIPS/FVD, per-frame PSNR) of each named CV-VAE on the videos and
     images of the given sources (folders, CSV/JSONL manifests, files; see `cvvae.data.list_items`) and,
     with `image_vae` (a diffusers AutoencoderKL), its compatibility with that image VAE (`compat.py`).
+    `baselines`: names of `BASELINES` (trivial codecs) measured on the same frames, next to the models.
 
     `max_items`: at most this many evaluated (readable) items of each kind, in listing order. Returns a
     JSON-ready dict (see `cvvae.eval.report.write_report`), except `strips[*]["image"]`, uint8 arrays for the
@@ -197,8 +200,11 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
     sources = {"videos": videos, "images": images}
     listed = {kind: list_items(src, kind=kind[:-1]) if src is not None else [] for kind, src in sources.items()}
     first = next(weights[0][1].parameters())
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise InputError(f"unknown baselines {unknown}; known: {sorted(BASELINES)}")
     run = _Run(weights, compute_dtype(dtype, first.dtype, first.device), image_vae, lpips,
-               load_i3d(fvd_i3d, first.device) if fvd_i3d is not None else None)
+               load_i3d(fvd_i3d, first.device) if fvd_i3d is not None else None, list(baselines))
     for kind, spec in specs.items():
         run.evaluate_kind(kind, spec, listed[kind], max_items, progress)
     if not run.items["videos"] and not run.items["images"]:
@@ -214,6 +220,7 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
         "protocol": _protocol(protocol, run, frames, stride, size, max_items, fvd_i3d),
         "definitions": DEFINITIONS,
         "models": {name: _model_info(model, frames) for name, model in weights},
+        "baselines": {name: BASELINES[name][1] for name in baselines},
         "reconstruction": run.reconstruction(),
         "per_frame_psnr": run.curves(),
         "per_frame_temporal_error": run.curves(temporal=True),
@@ -250,8 +257,9 @@ class _Run:
     """The state of one evaluation: per-model totals, per-item records, skips, strips, compatibility."""
 
     def __init__(self, weights: list[tuple[str, CVVAE]], dtype: torch.dtype, image_vae: Any | None,
-                 lpips: torch.nn.Module | None, detector: torch.nn.Module | None) -> None:
-        self.weights, self.names, self.dtype = weights, [n for n, _ in weights], dtype
+                 lpips: torch.nn.Module | None, detector: torch.nn.Module | None, baselines: list[str]) -> None:
+        self.weights, self.baselines, self.dtype = weights, baselines, dtype
+        self.names = [n for n, _ in weights] + baselines
         self.lpips, self.detector = lpips, detector
         self.vae = ImageVAE(image_vae.eval(), dtype) if image_vae is not None else None
         self.compat: dict[str, Compatibility | str] = {}
@@ -294,7 +302,7 @@ class _Run:
             self.real_features.append(i3d_features(self.detector, ref))
         reference = reference_for_video(self.vae, x, index) if video and self.vae is not None else None
         recons = []
-        for name, model in self.weights:
+        for name, model in [*self.weights, *((b, None) for b in self.baselines)]:
             out, record["models"][name] = self._reconstruct(kind, name, model, x, ref, reference)
             recons.append(out)
         self.items[kind].append(record)
@@ -304,13 +312,17 @@ class _Run:
             self.strips[record["name"]] = {"kind": kind, "frames": cols, "rows": ["input", *self.names],
                                            "image": _strip([ref, *recons], cols)}
 
-    def _reconstruct(self, kind: str, name: str, model: CVVAE, x: torch.Tensor, ref: torch.Tensor,
+    def _reconstruct(self, kind: str, name: str, model: CVVAE | None, x: torch.Tensor, ref: torch.Tensor,
                      reference: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One model on one item: its uint8-rounded frames in [0, 1] and the item's row of metrics."""
+        """One model (or, with `model` None, the baseline `name`) on one item: its uint8-rounded frames in [0, 1]
+        and the item's row of metrics."""
         video, totals = kind == "videos", self.totals[kind][name]
         t0 = time.perf_counter()
-        latents = codec.encode(model, x, dtype=self.dtype)
-        recon = codec.decode(model, latents, dtype=self.dtype).float().cpu()
+        if model is None:
+            latents, recon = None, BASELINES[name][0](x)
+        else:
+            latents = codec.encode(model, x, dtype=self.dtype)
+            recon = codec.decode(model, latents, dtype=self.dtype).float().cpu()
         totals.seconds += time.perf_counter() - t0
         out = to01_u8(frames_of(recon))
         p, s = psnr(out, ref), ssim(out, ref)
@@ -355,6 +367,21 @@ class _Run:
         if self.vae is None:
             return NA
         return {name: (c.result() if isinstance(c, Compatibility) else f"{NA} ({c})") for name, c in self.compat.items()}
+
+
+def bicubic_codec(x: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """The trivial codec a VAE with `factor`x spatial compression must beat: every frame of x (B, C, T, H, W) in
+    [-1, 1] shrunk `factor` times (bicubic, antialiased) and enlarged back (bicubic), clamped."""
+    frames = frames_of(x.float())
+    small = F.interpolate(frames, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
+    big = F.interpolate(small, size=frames.shape[-2:], mode="bicubic", align_corners=False)
+    return big.clamp(-1, 1).unflatten(0, (x.shape[0], x.shape[2])).transpose(1, 2)
+
+
+# name -> (reconstruction of a clip (B, C, T, H, W) in [-1, 1], description for the report)
+BASELINES = {"bicubic-8x": (bicubic_codec, "every frame shrunk 8x (bicubic, antialiased) and enlarged back (bicubic): "
+                                           "3 values per 8x8 pixels and frame, where a 16-channel 4x8x8 latent "
+                                           "keeps 4 and a 4-channel one 1")}
 
 
 def _model_info(model: CVVAE, frames: int) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def _plot(m: dict[str, Any], path: Path) -> None:
             bottom.plot([t + 0.5 for t in range(len(temporal[name]))], temporal[name], marker="o", markersize=3,
                         color=line.get_color(), label=name)
         for ax in (top, bottom) if not same else ():
-            for k, f in enumerate(bounds[name]):
+            for k, f in enumerate(bounds.get(name, ())):
                 ax.axvline(f, linestyle="--", linewidth=1, color=line.get_color(),
                            label=f"{name}: chunk boundary" if k == 0 and ax is top else None)
     if same:
