@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [deeper256] [deeper256b] [joint256c] [deeper256c] [ship]
+#                                [deeper256] [deeper256b] [joint256c] [deeper256c] [diverse] [diverse2] [diverse3] [ship]
 #                                (no argument: all)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
@@ -20,22 +20,27 @@
 # round 11, round 9 grown to two ResBlocks per level and trained on 128-px crops, psi favouring last frames.
 # deeper256: round 12, the round-11 decoder alone on 256-px crops. deeper256b: round 13, the round-12
 # decoder alone once more, longer at half the LR (measured, not shipped: no gain). joint256c: round 14, the
-# round-12 model, encoder and decoder together on 256-px crops (what ships). deeper256c: round 15, the
-# round-14 decoder alone on 256-px crops (measured, not shipped: -0.01 dB). ship: copies round 14 (and its
-# image VAE, round 4's) into cvvae/assets/bundled.
+# round-12 model, encoder and decoder together on 256-px crops (shipped until round 17). deeper256c: round 15, the
+# round-14 decoder alone on 256-px crops (measured, not shipped: -0.01 dB). diverse: round 16, round 14 as
+# it shipped, encoder and decoder, on the training videos and the camera-motion clips of the training wallpapers
+# (scripts/get_sample_media.sh --with-wallpapers), evaluated on the held-out wallpapers' clips too (unseen
+# scenes); MIXED=bf16 trains in bf16 autocast (for CPUs with native bf16). diverse2: round 17, round 16 once more
+# from its end (what ships); diverse3: round 18, the same once more. ship: copies round 17 (and its image VAE,
+# round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 25-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
-# scripts/get_sample_media.sh --with-opencv into ${CVVAE_MEDIA:-~/.cache/cvvae/media}.
+# scripts/get_sample_media.sh --with-opencv --with-wallpapers into ${CVVAE_MEDIA:-~/.cache/cvvae/media}.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 CVVAE="${CVVAE_BIN:-$REPO/.venv/bin/cvvae}"
 RUNS="${RUNS:-runs}"
-SPLITS="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}/splits"
+MEDIA="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}"
+SPLITS="$MEDIA/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper deeper256 deeper256b joint256c deeper256c ship)
+                                joint256 joint256b deeper deeper256 deeper256b joint256c deeper256c diverse diverse2 ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -103,11 +108,37 @@ round256() {  # OUT INIT VAE2D REPORT OVERRIDES...: a round on 256-px crops (the
     eval_shipped "$out/final" "$vae2d" "$report"
 }
 
+diverse_round() {  # OUT INIT NAME OVERRIDES...: a round on the training videos and the training wallpapers' motion
+                  # clips (256-px crops), from INIT with the shipped image VAE, evaluated on the unseen scenes
+    local out="$1" init="$2" name="$3"; shift 3
+    [[ -d "$MEDIA/motion/train" ]] || { echo "run scripts/get_sample_media.sh --with-wallpapers first" >&2; exit 1; }
+    mkdir -p "$RUNS"
+    { echo path; find "$SPLITS/train/videos" "$MEDIA/motion/train" -name '*.mkv' | sort; } > "$RUNS/diverse-train.csv"
+    # held out means never seen: no held-out photograph may name a training file (video or still)
+    .venv/bin/python - "$MEDIA" "$RUNS/diverse-train.csv" <<'PY' || exit 1
+import json, sys, pathlib
+media, manifest = pathlib.Path(sys.argv[1]), sys.argv[2]
+held = {pathlib.Path(r["photo"]).stem for r in json.loads((media / "motion/clips.json").read_text()) if r["split"] == "heldout"}
+train = [pathlib.Path(p).name for p in open(manifest).read().split()[1:]] + [p.name for p in (media / "splits/train/images").iterdir()]
+leaks = sorted(f for f in train if any(h in f for h in held))
+if leaks:
+    sys.exit(f"error: held-out scenes in the training data: {leaks[:5]} (rerun scripts/get_sample_media.sh)")
+print(f"{len(train)} training files, none from the {len(held)} held-out photographs")
+PY
+    round256 "$out" "$init" cvvae/assets/bundled/vae2d "$RUNS/eval-shipped-${out##*-}" \
+        data.videos="$RUNS/diverse-train.csv" loss.random_frame_weights=[1,1,1,2] steps=300 save_every=25 \
+        mixed_precision="${MIXED:-no}" "$@"
+    # the shipped model's figures on the same clips are the headline's (eval-unseen-256)
+    [[ -f "$RUNS/eval-unseen-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" --name "$name" \
+        --videos "$MEDIA/motion/heldout" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
+        -o "$RUNS/eval-unseen-${out##*-}"
+}
+
 for stage in "${STAGES[@]}"; do
     echo "=== $stage"
     case "$stage" in
         data)
-            scripts/get_sample_media.sh --with-opencv ;;
+            scripts/get_sample_media.sh --with-opencv --with-wallpapers ;;
         phase1)
             train "$RUNS/bundled-2d" configs/bundled-2d.yaml
             "$CVVAE" deflate "$RUNS/bundled-2d/final" -o "$RUNS/bundled-2d/vae2d"
@@ -212,7 +243,7 @@ for stage in "${STAGES[@]}"; do
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
             round256 "$RUNS/c16-3d-r13" "$CV" "$V2D" "$RUNS/eval-shipped-r13" \
                 freeze_encoder=true steps=400 optim.lr=5e-5 seed=6 save_every=50 ;;
-        joint256c)  # round 14 (what ships): the round-12 model, encoder and decoder, on 256-px crops (the latents move);
+        joint256c)  # round 14 (shipped until round 17): the round-12 model, encoder and decoder, on 256-px crops (the latents move);
                     # psi_random keeps round 11's frame weights so psi_slice keeps its room
             pair_or_git "$RUNS/c16-3d-r12/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND12_COMMIT" round12 deeper256
             round256 "$RUNS/c16-3d-r14" "$CV" "$V2D" "$RUNS/eval-shipped-r14" \
@@ -221,9 +252,16 @@ for stage in "${STAGES[@]}"; do
             pair_or_git "$RUNS/c16-3d-r14/final" "$RUNS/c16-2d-r3/vae2d" "$ROUND14_COMMIT" round14 joint256c
             round256 "$RUNS/c16-3d-r15" "$CV" "$V2D" "$RUNS/eval-shipped-r15" \
                 freeze_encoder=true steps=200 optim.lr=1e-4 seed=8 save_every=25 ;;
+        diverse)  # round 16: round 14 as it shipped (its fp16 copy) on every training video and training wallpaper clip
+            [[ -f "$RUNS/round14/cvvae/assets/bundled/cvvae/config.json" ]] || from_git "$ROUND14_COMMIT" round14 joint256c
+            diverse_round "$RUNS/c16-3d-r16" "$RUNS/round14/cvvae/assets/bundled/cvvae" round16 seed=16 optim.lr=1e-4 ;;
+        diverse2)  # round 17: round 16 once more, from its end (the same data and recipe: is the curve still rising?)
+            diverse_round "$RUNS/c16-3d-r17" "$RUNS/c16-3d-r16/final" round17 seed=17 optim.lr=1e-4 ;;
+        diverse3)  # round 18: round 17 once more (the curve rose +1.68, +0.46 dB; started, not yet measured)
+            diverse_round "$RUNS/c16-3d-r18" "$RUNS/c16-3d-r17/final" round18 seed=18 optim.lr=1e-4 ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r14/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r17/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d
@@ -232,6 +270,7 @@ for stage in "${STAGES[@]}"; do
             .venv/bin/python scripts/scaling_factor.py "$SPLITS/train/videos" cvvae/assets/bundled/vae2d \
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
-                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, deeper256c, ship)" >&2; exit 2 ;;
+                "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, deeper256c, diverse," \
+                "diverse2, diverse3, ship)" >&2; exit 2 ;;
     esac
 done

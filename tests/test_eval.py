@@ -79,8 +79,8 @@ def metrics(media, models, i3d, lpips):
 
 def test_report_files_and_structure(metrics, tmp_path):
     assert set(metrics) == {"format", "cvvae_version", "protocol", "definitions", "models", "reconstruction",
-                            "baselines", "per_frame_psnr", "per_frame_temporal_error", "compatibility", "items", "skipped",
-                            "strips", "timing"}
+                            "reconstruction_by_motion", "baselines", "per_frame_psnr", "per_frame_temporal_error",
+                            "compatibility", "items", "skipped", "strips", "timing"}
     assert [len(metrics["items"][k]) for k in ("videos", "images")] == [2, 1]
     assert metrics["protocol"]["videos"]["frames"] == 9 and metrics["protocol"]["videos"]["skipped"] == 1
     for name in ("random", "inflated"):
@@ -103,7 +103,7 @@ def test_report_files_and_structure(metrics, tmp_path):
     assert data["skipped"][0]["path"].endswith("corrupt.mp4") and data["skipped"][0]["reason"] == "unreadable"
     assert all("file" in s and "image" not in s for s in data["strips"].values())
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    for text in ("Reconstruction", "inflated", "corrupt.mp4", "Cross-decoding", "Definitions"):
+    for text in ("Reconstruction", "inflated", "corrupt.mp4", "Cross-decoding", "By motion level", "Definitions"):
         assert text in md and text in page
     # rewriting replaces the folder atomically, leaving nothing behind
     write_report(metrics, out)
@@ -265,3 +265,38 @@ def test_bicubic_baseline_by_hand_and_in_the_report(media, tmp_path):
     assert set(m["reconstruction"]) == {"tiny", "bicubic-8x"} and "bicubic-8x" in m["baselines"]
     assert 10 < m["reconstruction"]["bicubic-8x"]["videos"]["psnr"] < 40
     assert "bicubic-8x" in (write_report(m, tmp_path / "r") / "report.md").read_text()
+
+
+def test_motion_levels_by_hand_and_gaps_by_motion(metrics):
+    from cvvae.eval.metrics import MOTION_LEVELS, mean_frame_difference, motion_level
+
+    x = torch.zeros(3, 3, 2, 2)
+    x[1] += 10 / 255
+    x[2, 0] += 40 / 255  # one channel of three: 40 / 3 on average
+    assert mean_frame_difference(x) == pytest.approx((10 + (30 + 10 + 10) / 3) / 2)
+    assert mean_frame_difference(x[:1]) == 0
+    assert [motion_level(d) for d in (0.0, 2.49, 2.5, 5.9, 6.0, 50.0)] == ["slow", "slow", "moderate", "moderate",
+                                                                          "fast", "fast"]
+    assert [n for n, _ in MOTION_LEVELS] == ["slow", "moderate", "fast"]
+    # every video carries its motion and its own gaps; the groups partition the videos and average their gaps
+    videos = metrics["items"]["videos"]
+    cross = metrics["compatibility"]["inflated"]["cross_decoding"]
+    for item in videos:
+        assert item["motion"]["level"] == motion_level(item["motion"]["mean_frame_difference"])
+    assert sum(g["videos"] for g in cross["by_motion"].values()) == len(videos) == 2
+    for m in MAPPINGS:
+        gaps = [it["models"]["inflated"]["cross_decoding_gap_db"][m] for it in videos]
+        assert cross["mappings"][m]["worst_gap_db"] == pytest.approx(max(gaps))
+        assert cross["mappings"][m]["gap_db"] == pytest.approx(sum(gaps) / 2)
+        for level, g in cross["by_motion"].items():
+            mine = [gp for gp, it in zip(gaps, videos) if it["motion"]["level"] == level]
+            assert g["mappings"][m]["gap_db"] == pytest.approx(sum(mine) / len(mine))
+
+
+def test_reconstruction_by_motion_averages_the_items(metrics):
+    videos = metrics["items"]["videos"]
+    for name, levels in metrics["reconstruction_by_motion"].items():
+        assert sum(g["videos"] for g in levels.values()) == len(videos)
+        for level, g in levels.items():
+            mine = [it["models"][name]["psnr"] for it in videos if it["motion"]["level"] == level]
+            assert g["psnr"] == pytest.approx(sum(mine) / len(mine))

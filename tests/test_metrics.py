@@ -28,3 +28,26 @@ def test_ssim_matches_scikit_image():
     assert abs(ssim(x, y).item() - ref) < 1e-5
     assert ssim(x, x).item() == pytest.approx(1.0)
     assert np.isfinite(ssim(torch.zeros(1, 3, 11, 11), torch.zeros(1, 3, 11, 11)).item())
+
+
+@pytest.mark.parametrize("case", ["photo, blurred", "photo, one level of noise", "smooth gradient, noisy"])
+def test_ssim_matches_scikit_image_on_real_and_near_identical_frames(case):
+    # the local means run in float32 (metrics.ssim): hold it to scikit-image's float64 where it matters most,
+    # on frames almost equal to their reference and on smooth ones (small variances)
+    data, metrics = pytest.importorskip("skimage.data"), pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(1)
+    if case.startswith("photo"):
+        x = torch.from_numpy(data.astronaut()[100:228, 150:310]).permute(2, 0, 1)[None].double() / 255
+    else:
+        rows = torch.linspace(0.3, 0.9, 128, dtype=torch.float64)
+        cols = torch.linspace(0.2, 0.8, 160, dtype=torch.float64)
+        x = (rows[:, None] * cols[None, :]).expand(1, 3, 128, 160).clone()
+    if case == "photo, blurred":
+        y = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    else:
+        y = x + torch.randint(-1, 2, x.shape, generator=g) / 255
+    y = (y.clamp(0, 1) * 255).round() / 255
+    ref = metrics.structural_similarity(x[0].permute(1, 2, 0).numpy(), y[0].permute(1, 2, 0).numpy(),
+                                        channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1.0)
+    assert abs(ssim(x, y).item() - ref) < 1e-6, (ssim(x, y).item(), ref)

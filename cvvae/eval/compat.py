@@ -27,7 +27,7 @@ import torch
 from .. import codec
 from ..model import CVVAE
 from ..model.mapping import MAPPINGS, frames_of, psi, videos_of
-from .metrics import psnr
+from .metrics import MOTION_LEVELS, psnr
 
 MAPPING_SEED = 0  # the `random` mapping draws from torch.Generator().manual_seed(MAPPING_SEED + item index)
 
@@ -144,6 +144,7 @@ class Compatibility:
     cross_reference: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MAPPINGS})
     video_from_image_latents: list[float] = field(default_factory=list)
     own_video_psnr: list[float] = field(default_factory=list)
+    motion: list[str] = field(default_factory=list)  # motion level of each video (metrics.MOTION_LEVELS)
     stats_cvvae: LatentStats = field(default_factory=LatentStats)
     stats_image_vae: LatentStats = field(default_factory=LatentStats)
 
@@ -178,9 +179,10 @@ class Compatibility:
         self.stats_cvvae.update(cv_mean)
         self.stats_image_vae.update(z)
 
-    def add_video(self, x: torch.Tensor, ref: ItemReference, cv_mean: torch.Tensor, cv_recon: torch.Tensor) -> None:
-        """(a)-(d) for a clip x (1, 3, 1 + 4k, H, W) in [-1, 1], given the CV-VAE's latent means
-        (1, z, 1 + k, h, w) and reconstruction of it."""
+    def add_video(self, x: torch.Tensor, ref: ItemReference, cv_mean: torch.Tensor, cv_recon: torch.Tensor,
+                  motion: str) -> dict[str, float]:
+        """(a)-(d) for a clip x (1, 3, 1 + 4k, H, W) in [-1, 1] of the given motion level, given the CV-VAE's latent
+        means (1, z, 1 + k, h, w) and reconstruction of it; returns the clip's cross-decoding gap per mapping."""
         model = self.model
         # (a) image mode on frame 0
         frame0 = x[:, :, :1]
@@ -194,6 +196,7 @@ class Compatibility:
             target = ref.targets[m]
             self.cross[m].append(mean_psnr(cross[: target.shape[0]], target))
             self.cross_reference[m].append(ref.reference_psnr[m])
+        self.motion.append(motion)
         # (c) image latents of the slice frames through the video decoder
         z = videos_of(ref.slice_latents, 1)
         video = codec.decode(model, z, num_frames=x.shape[2], dtype=self.dtype)
@@ -202,18 +205,28 @@ class Compatibility:
         # (d) latent statistics on the same frames
         self.stats_cvvae.update(cv_mean)
         self.stats_image_vae.update(ref.slice_latents)
+        return {m: self.cross_reference[m][-1] - self.cross[m][-1] for m in MAPPINGS}
+
+    def _mappings(self, videos: list[int]) -> dict[str, dict[str, float | None]]:
+        out = {}
+        for m in MAPPINGS:
+            p, r = _avg([self.cross[m][i] for i in videos]), _avg([self.cross_reference[m][i] for i in videos])
+            gaps = [self.cross_reference[m][i] - self.cross[m][i] for i in videos]
+            out[m] = {"psnr": p, "image_vae_psnr": r, "gap_db": None if p is None else r - p,
+                      "worst_gap_db": max(gaps, default=None)}
+        return out
 
     def result(self) -> dict[str, Any]:
         a = self.image_mode
         errors = a["latent_rel_error"]
-        mappings = {}
-        for m in MAPPINGS:
-            p, r = _avg(self.cross[m]), _avg(self.cross_reference[m])
-            mappings[m] = {"psnr": p, "image_vae_psnr": r, "gap_db": None if p is None else r - p}
+        by_motion = {level: [i for i, v in enumerate(self.motion) if v == level] for level, _ in MOTION_LEVELS}
+        every = list(range(len(self.motion)))
         return {
             "image_mode": {"frames": len(errors), **{k: _avg(v) for k, v in a.items() if k != "latent_rel_error"},
                            "latent_rel_error_mean": _avg(errors), "latent_rel_error_max": max(errors, default=None)},
-            "cross_decoding": {"videos": len(self.cross["first"]), "mappings": mappings},
+            "cross_decoding": {"videos": len(self.cross["first"]), "mappings": self._mappings(every),
+                               "by_motion": {level: {"videos": len(videos), "mappings": self._mappings(videos)}
+                                             for level, videos in by_motion.items() if videos}},
             "video_decoder_from_image_latents": {"videos": len(self.video_from_image_latents),
                                                  "psnr": _avg(self.video_from_image_latents),
                                                  "cvvae_psnr": _avg(self.own_video_psnr)},

@@ -38,7 +38,8 @@ from ..model.mapping import MAPPINGS, frames_of
 from ..runtime import compute_dtype
 from .compat import MAPPING_SEED, Compatibility, ImageVAE, reference_for_video, to01, to01_u8
 from .fvd import I3D_SIZE, frechet_distance, i3d_features, load_i3d
-from .metrics import PSNR_CAP, psnr, seam_ratio, ssim, temporal_error
+from .metrics import (MOTION_LEVELS, PSNR_CAP, mean_frame_difference, motion_level, psnr, seam_ratio, ssim,
+                      temporal_error)
 
 Source = str | os.PathLike | Sequence[Any]
 NA = "n/a"
@@ -76,7 +77,11 @@ DEFINITIONS = {
                       "for each mapping psi (first: frame 0; average: frame 0 + the mean of each group of 4; slice: "
                       "frames 0, 4, 8, ...; random: frame 0 + one frame per group of 4, torch generator seeded "
                       f"{MAPPING_SEED} + item index). Reference: the image VAE's own reconstruction of psi(X); "
-                      "gap = reference - cross-decoding PSNR.",
+                      "gap = reference - cross-decoding PSNR; worst = the largest gap of one video; by motion: the "
+                      "videos of each motion level.",
+    "motion": "mean |x[t+1] - x[t]| of a video's evaluated frames in 0-255 levels; levels: "
+              + ", ".join(f"{n} (< {u:g})" if u != float("inf") else f"{n} (the rest)" for n, u in MOTION_LEVELS)
+              + ".",
     "video_decoder_from_image_latents": "(c) image-VAE latents (mean) of psi_slice(X) decoded as one video by the "
                                         "CV-VAE decoder, PSNR vs X (next to the CV-VAE's own reconstruction PSNR).",
     "latent_stats": "(d) per latent channel mean and std (unscaled) of the CV-VAE's latents (all latent frames of "
@@ -222,6 +227,7 @@ def evaluate(weights: list[tuple[str, CVVAE]], videos: Source | None, images: So
         "models": {name: _model_info(model, frames) for name, model in weights},
         "baselines": {name: BASELINES[name][1] for name in baselines},
         "reconstruction": run.reconstruction(),
+        "reconstruction_by_motion": run.by_motion(),
         "per_frame_psnr": run.curves(),
         "per_frame_temporal_error": run.curves(temporal=True),
         "compatibility": run.compatibility(),
@@ -298,12 +304,16 @@ class _Run:
                                   "frames": x.shape[2], "start": sample["start"], "stride": sample["stride"],
                                   "fps": sample["fps"], "orig_size": list(sample["orig_size"]),
                                   "crop": list(sample["crop"]), "models": {}}
+        if video:
+            difference = mean_frame_difference(ref)
+            record["motion"] = {"mean_frame_difference": difference, "level": motion_level(difference)}
         if video and self.detector is not None:
             self.real_features.append(i3d_features(self.detector, ref))
         reference = reference_for_video(self.vae, x, index) if video and self.vae is not None else None
         recons = []
         for name, model in [*self.weights, *((b, None) for b in self.baselines)]:
-            out, record["models"][name] = self._reconstruct(kind, name, model, x, ref, reference)
+            out, record["models"][name] = self._reconstruct(kind, name, model, x, ref, reference,
+                                                            record.get("motion", {}).get("level"))
             recons.append(out)
         self.items[kind].append(record)
         if len(self.items[kind]) <= STRIP_ITEMS:
@@ -313,7 +323,7 @@ class _Run:
                                            "image": _strip([ref, *recons], cols)}
 
     def _reconstruct(self, kind: str, name: str, model: CVVAE | None, x: torch.Tensor, ref: torch.Tensor,
-                     reference: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+                     reference: Any, motion: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """One model (or, with `model` None, the baseline `name`) on one item: its uint8-rounded frames in [0, 1]
         and the item's row of metrics."""
         video, totals = kind == "videos", self.totals[kind][name]
@@ -340,7 +350,10 @@ class _Run:
         c = self.compat.get(name)
         if isinstance(c, Compatibility):
             mean = latents.mean.float().cpu()
-            c.add_video(x, reference, mean, recon) if video else c.add_image(x, mean, recon)
+            if video:
+                row["cross_decoding_gap_db"] = c.add_video(x, reference, mean, recon, motion)
+            else:
+                c.add_image(x, mean, recon)
         return out, row
 
     def reconstruction(self) -> dict[str, dict[str, Any]]:
@@ -355,6 +368,18 @@ class _Run:
                 rv["fvd"] = frechet_distance(torch.cat(self.real_features),
                                              torch.cat(self.totals["videos"][name].features))
             out[name] = {"videos": rv, "images": self.totals["images"][name].result(video=False)}
+        return out
+
+    def by_motion(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Video PSNR and SSIM of each model averaged over the videos of each motion level."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for name in self.names:
+            for level, _ in MOTION_LEVELS:
+                rows = [it["models"][name] for it in self.items["videos"] if it["motion"]["level"] == level]
+                if rows:
+                    out.setdefault(name, {})[level] = {"videos": len(rows),
+                                                       "psnr": sum(r["psnr"] for r in rows) / len(rows),
+                                                       "ssim": sum(r["ssim"] for r in rows) / len(rows)}
         return out
 
     def curves(self, temporal: bool = False) -> dict[str, list[float]]:

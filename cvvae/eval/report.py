@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..io.files import atomic_dir
+from ..model.mapping import MAPPINGS
 from .evaluate import DEFINITIONS, unique_name
+from .metrics import MOTION_LEVELS
 
 def fmt_value(v: Any, digits: int = 2) -> str:
     if v is None:
@@ -51,6 +53,53 @@ def _file_name(name: str) -> str:
 Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", headers, rows) | ("img", src, alt)
 
 
+def _motion(item: dict[str, Any]) -> str:
+    m = item.get("motion")  # absent in metrics.json files written before motion levels
+    return f"{m['mean_frame_difference']:.1f} ({m['level']})" if m else "n/a"
+
+
+def _compat_blocks(c: dict[str, Any] | str) -> list[Block]:
+    """The compatibility section: (a)-(d) per model, with the cross-decoding gaps by motion level."""
+    b: list[Block] = []
+    b += [("h", 2, "Compatibility with the image VAE")]
+    if isinstance(c, str):
+        b += [("p", f"{c}: no image VAE given (--image-vae).")]
+    else:
+        ok = {n: r for n, r in c.items() if isinstance(r, dict)}
+        b += [("p", f"{n}: {r}") for n, r in c.items() if isinstance(r, str)]
+        if ok:
+            b += [("h", 3, "(a) Image mode"), ("table",
+                  ["model", "frames", "PSNR CV-VAE vs image VAE", "PSNR CV-VAE", "PSNR image VAE",
+                   "latent rel. error (mean)", "latent rel. error (max)"],
+                  [[n, fmt_value(a["frames"]), fmt_value(a["psnr_cvvae_vs_image_vae"]), fmt_value(a["psnr_cvvae"]),
+                    fmt_value(a["psnr_image_vae"]), fmt_value(a["latent_rel_error_mean"], -1),
+                    fmt_value(a["latent_rel_error_max"], -1)] for n, a in ((n, r["image_mode"]) for n, r in ok.items())]),
+                  ("h", 3, "(b) Cross-decoding: CV-VAE latents -> image decoder, vs psi(X)"), ("table",
+                  ["model", "mapping", "videos", "PSNR", "image VAE PSNR", "gap (dB)", "worst video gap (dB)"],
+                  [[n, mp, fmt_value(r["cross_decoding"]["videos"]), fmt_value(v["psnr"]), fmt_value(v["image_vae_psnr"]),
+                    fmt_value(v["gap_db"]), fmt_value(v.get("worst_gap_db"))]
+                   for n, r in ok.items() for mp, v in r["cross_decoding"]["mappings"].items()]),
+                  ("p", "Gap by motion level (" + DEFINITIONS["motion"] + "), mean / worst video:"), ("table",
+                  ["model", "motion", "videos", *MAPPINGS],
+                  [[n, level, fmt_value(g["videos"]), *(f"{fmt_value(v['gap_db'])} / {fmt_value(v['worst_gap_db'])}"
+                                                         for v in g["mappings"].values())]
+                   for n, r in ok.items() for level, g in r["cross_decoding"].get("by_motion", {}).items()]),
+                  ("h", 3, "(c) Image-VAE latents of psi_slice(X) -> CV-VAE decoder, vs X"), ("table",
+                  ["model", "videos", "PSNR", "CV-VAE's own PSNR"],
+                  [[n, fmt_value(v["videos"]), fmt_value(v["psnr"]), fmt_value(v["cvvae_psnr"])]
+                   for n, v in ((n, r["video_decoder_from_image_latents"]) for n, r in ok.items())])]
+            b += [("h", 3, "(d) Per-channel latent statistics (unscaled)")]
+            for n, r in ok.items():
+                s = r["latent_stats"]
+                cv, iv = s["cvvae"], s["image_vae"]
+                b += [("p", f"{n}: {cv['values_per_channel']:,} values per channel; scaling factors CV-VAE "
+                            f"{s['cvvae_scaling_factor']}, image VAE {s['image_vae_scaling_factor']}."),
+                      ("table", ["channel", "CV-VAE mean", "CV-VAE std", "image VAE mean", "image VAE std"],
+                       [[str(k), fmt_value(cv["mean"][k], 4), fmt_value(cv["std"][k], 4), fmt_value(iv["mean"][k], 4),
+                         fmt_value(iv["std"][k], 4)] for k in range(len(cv["mean"]))])]
+    return b
+
+
 def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) -> list[Block]:
     p, names = m["protocol"], list(m["models"])
     b: list[Block] = [("h", 1, "CV-VAE evaluation report")]
@@ -79,6 +128,11 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
                                                   ("temporal_error", 4), ("seam_ratio", 3)) for v in [r["videos"]]),
             fmt_value(r["images"]["count"]), fmt_value(r["images"]["psnr"]), fmt_value(r["images"]["ssim"], 4),
             fmt_value(r["images"]["lpips"], 4)] for n, r in m["reconstruction"].items()]),
+          ("p", "By motion level (" + DEFINITIONS["motion"] + "), video PSNR / SSIM:"),
+          ("table", ["model", *(level for level, _ in MOTION_LEVELS)],
+           [[n, *(f"{fmt_value(g['psnr'])} / {fmt_value(g['ssim'], 4)} ({g['videos']})" if g else "-"
+                  for g in (r.get(level) for level, _ in MOTION_LEVELS))]
+            for n, r in m.get("reconstruction_by_motion", {}).items()]),
           ("table", ["model", "latent channels", "parameters", "dtype", "scaling factor", "frames per round",
                      "chunk mode", "chunk boundaries (frame)"],
            [[n, fmt_value(i["latent_channels"]), f"{i['parameters']:,}", i["dtype"], fmt_value(i["scaling_factor"], 5),
@@ -90,44 +144,17 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
         b += [("h", 2, "Per-frame PSNR and temporal error"), ("img", plot, "per-frame PSNR and temporal error"),
               ("p", "Dashed lines: chunk boundaries. " + DEFINITIONS["per_frame_psnr"] + " Lower panel: "
                + DEFINITIONS["temporal_error"] + " Seam ratio: " + DEFINITIONS["seam_ratio"])]
-    c = m["compatibility"]
-    b += [("h", 2, "Compatibility with the image VAE")]
-    if isinstance(c, str):
-        b += [("p", f"{c}: no image VAE given (--image-vae).")]
-    else:
-        ok = {n: r for n, r in c.items() if isinstance(r, dict)}
-        b += [("p", f"{n}: {r}") for n, r in c.items() if isinstance(r, str)]
-        if ok:
-            b += [("h", 3, "(a) Image mode"), ("table",
-                  ["model", "frames", "PSNR CV-VAE vs image VAE", "PSNR CV-VAE", "PSNR image VAE",
-                   "latent rel. error (mean)", "latent rel. error (max)"],
-                  [[n, fmt_value(a["frames"]), fmt_value(a["psnr_cvvae_vs_image_vae"]), fmt_value(a["psnr_cvvae"]),
-                    fmt_value(a["psnr_image_vae"]), fmt_value(a["latent_rel_error_mean"], -1),
-                    fmt_value(a["latent_rel_error_max"], -1)] for n, a in ((n, r["image_mode"]) for n, r in ok.items())]),
-                  ("h", 3, "(b) Cross-decoding: CV-VAE latents -> image decoder, vs psi(X)"), ("table",
-                  ["model", "mapping", "videos", "PSNR", "image VAE PSNR", "gap (dB)"],
-                  [[n, mp, fmt_value(r["cross_decoding"]["videos"]), fmt_value(v["psnr"]), fmt_value(v["image_vae_psnr"]),
-                    fmt_value(v["gap_db"])] for n, r in ok.items() for mp, v in r["cross_decoding"]["mappings"].items()]),
-                  ("h", 3, "(c) Image-VAE latents of psi_slice(X) -> CV-VAE decoder, vs X"), ("table",
-                  ["model", "videos", "PSNR", "CV-VAE's own PSNR"],
-                  [[n, fmt_value(v["videos"]), fmt_value(v["psnr"]), fmt_value(v["cvvae_psnr"])]
-                   for n, v in ((n, r["video_decoder_from_image_latents"]) for n, r in ok.items())])]
-            b += [("h", 3, "(d) Per-channel latent statistics (unscaled)")]
-            for n, r in ok.items():
-                s = r["latent_stats"]
-                cv, iv = s["cvvae"], s["image_vae"]
-                b += [("p", f"{n}: {cv['values_per_channel']:,} values per channel; scaling factors CV-VAE "
-                            f"{s['cvvae_scaling_factor']}, image VAE {s['image_vae_scaling_factor']}."),
-                      ("table", ["channel", "CV-VAE mean", "CV-VAE std", "image VAE mean", "image VAE std"],
-                       [[str(k), fmt_value(cv["mean"][k], 4), fmt_value(cv["std"][k], 4), fmt_value(iv["mean"][k], 4),
-                         fmt_value(iv["std"][k], 4)] for k in range(len(cv["mean"]))])]
+    b += _compat_blocks(m["compatibility"])
     for kind in ("videos", "images"):
         rows = m["items"][kind]
         if rows:
-            b += [("h", 2, f"Per item: {kind}"), ("table", ["item", *[f"{n} {k}" for n in names
-                                                                     for k in ("PSNR", "SSIM", "LPIPS")]],
-                  [[it["name"], *[fmt_value(it["models"][n][k], 2 if k == "psnr" else 4) for n in names
-                                  for k in ("psnr", "ssim", "lpips")]] for it in rows])]
+            motion = kind == "videos"
+            header = ["item", *(["motion"] if motion else []),
+                      *[f"{n} {k}" for n in names for k in ("PSNR", "SSIM", "LPIPS")]]
+            b += [("h", 2, f"Per item: {kind}"), ("table", header,
+                  [[it["name"], *([_motion(it)] if motion else []),
+                    *[fmt_value(it["models"][n][k], 2 if k == "psnr" else 4) for n in names
+                      for k in ("psnr", "ssim", "lpips")]] for it in rows])]
     b += [("h", 2, "Skipped items")]
     b += [("table", ["path", "kind", "reason", "detail"], [[s["path"], s["kind"], s["reason"], s["detail"]]
                                                           for s in m["skipped"]])] if m["skipped"] else [("p", "None.")]
