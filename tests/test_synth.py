@@ -24,8 +24,9 @@ def test_each_motion_moves_and_is_reproducible(kind):
     assert np.abs(a[-1].astype(int) - a[0].astype(int)).mean() > 2  # the camera moved
 
 
-def test_a_pan_of_zero_length_shows_the_photograph_shrunk():
-    """The window at its start pose, no motion: an area-shrunk crop of the photo, by hand."""
+def test_the_first_frame_keeps_both_halves_and_their_values():
+    """A half-black, half-grey photo: the first frame of a pan sees both halves with their values (no darkening or
+    clipping from the area shrink and the bilinear resampling)."""
     photo = np.zeros((100, 100, 3), np.uint8)
     photo[:, 50:] = 200  # left half black, right half grey
     frame = synth_clip(photo, "pan", 2, 32, np.random.default_rng(0))[0]

@@ -48,23 +48,22 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
     p.set_defaults(func=run)
 
 
+def _per_weights(values: list, n: int, flag: str) -> list:
+    """A flag given once (for every --weights) or once per --weights, as one value per --weights."""
+    if len(values) not in (1, n):
+        raise InputError(f"{flag} given {len(values)} times for {n} --weights: give it once or once per --weights")
+    return values * n if len(values) == 1 else values
+
+
 def _models(args: argparse.Namespace, device) -> list:
     """(name, model) of every --weights, names unique."""
     from ..eval.evaluate import unique_name
     from ..model import CVVAE
 
-    subs = args.subfolder or [None]
-    if len(subs) not in (1, len(args.weights)):
-        raise InputError(f"--subfolder given {len(subs)} times for {len(args.weights)} --weights: give it once or "
-                         "once per --weights")
-    subs = subs * len(args.weights) if len(subs) == 1 else subs
+    subs = _per_weights(args.subfolder or [None], len(args.weights), "--subfolder")
     if args.name and len(args.name) != len(args.weights):
         raise InputError(f"--name given {len(args.name)} times for {len(args.weights)} --weights")
-    modes = args.chunk_mode or ["official"]
-    if len(modes) not in (1, len(args.weights)):
-        raise InputError(f"--chunk-mode given {len(modes)} times for {len(args.weights)} --weights: give it once or "
-                         "once per --weights")
-    modes = modes * len(args.weights) if len(modes) == 1 else modes
+    modes = _per_weights(args.chunk_mode or ["official"], len(args.weights), "--chunk-mode")
     weights, taken = [], set()
     for k, (w, s) in enumerate(zip(args.weights, subs)):
         model = CVVAE.from_pretrained(w, subfolder=s).to(device).requires_grad_(False).eval()

@@ -100,8 +100,11 @@ def synth_clip(photo: np.ndarray, kind: str, frames: int, size: int, rng: np.ran
 def heldout_photo(name: str, fraction: float) -> bool:
     """Whether the photograph `name` (its path in the folder) is held out: a stable function of the name, so that
     adding photographs never moves another one between the splits."""
-    digest = hashlib.sha1(name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(_digest(name)[:8], "big") / 2**64 < fraction
+
+
+def _digest(name: str) -> bytes:
+    return hashlib.sha1(name.encode()).digest()
 
 
 def synth_folder(photos: str | os.PathLike[str], out: str | os.PathLike[str], *, clips_per_photo: int = 2,
@@ -122,9 +125,9 @@ def synth_folder(photos: str | os.PathLike[str], out: str | os.PathLike[str], *,
         name = str(path.relative_to(Path(photos).expanduser()))
         split = "heldout" if heldout_photo(name, heldout) else "train"
         (out / split).mkdir(parents=True, exist_ok=True)
-        photo = None
+        photo, key = None, int.from_bytes(_digest(name)[:4], "big")
         for j in range(clips_per_photo):
-            rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha1(name.encode()).digest()[:4], "big"), j])
+            rng = np.random.default_rng([seed, key, j])
             kind = MOTIONS[int(rng.integers(len(MOTIONS)))]
             target = out / split / f"{path.parent.name}-{path.stem}-{j}-{kind}.mkv"
             if not target.exists():

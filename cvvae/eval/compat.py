@@ -27,7 +27,7 @@ import torch
 from .. import codec
 from ..model import CVVAE
 from ..model.mapping import MAPPINGS, frames_of, psi, videos_of
-from .metrics import MOTION_LEVELS, psnr
+from .metrics import psnr
 
 MAPPING_SEED = 0  # the `random` mapping draws from torch.Generator().manual_seed(MAPPING_SEED + item index)
 
@@ -144,7 +144,6 @@ class Compatibility:
     cross_reference: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MAPPINGS})
     video_from_image_latents: list[float] = field(default_factory=list)
     own_video_psnr: list[float] = field(default_factory=list)
-    motion: list[str] = field(default_factory=list)  # motion level of each video (metrics.MOTION_LEVELS)
     stats_cvvae: LatentStats = field(default_factory=LatentStats)
     stats_image_vae: LatentStats = field(default_factory=LatentStats)
 
@@ -179,10 +178,10 @@ class Compatibility:
         self.stats_cvvae.update(cv_mean)
         self.stats_image_vae.update(z)
 
-    def add_video(self, x: torch.Tensor, ref: ItemReference, cv_mean: torch.Tensor, cv_recon: torch.Tensor,
-                  motion: str) -> dict[str, float]:
-        """(a)-(d) for a clip x (1, 3, 1 + 4k, H, W) in [-1, 1] of the given motion level, given the CV-VAE's latent
-        means (1, z, 1 + k, h, w) and reconstruction of it; returns the clip's cross-decoding gap per mapping."""
+    def add_video(self, x: torch.Tensor, ref: ItemReference, cv_mean: torch.Tensor,
+                  cv_recon: torch.Tensor) -> dict[str, float]:
+        """(a)-(d) for a clip x (1, 3, 1 + 4k, H, W) in [-1, 1], given the CV-VAE's latent means (1, z, 1 + k, h, w)
+        and reconstruction of it; returns the clip's cross-decoding gap per mapping."""
         model = self.model
         # (a) image mode on frame 0
         frame0 = x[:, :, :1]
@@ -196,7 +195,6 @@ class Compatibility:
             target = ref.targets[m]
             self.cross[m].append(mean_psnr(cross[: target.shape[0]], target))
             self.cross_reference[m].append(ref.reference_psnr[m])
-        self.motion.append(motion)
         # (c) image latents of the slice frames through the video decoder
         z = videos_of(ref.slice_latents, 1)
         video = codec.decode(model, z, num_frames=x.shape[2], dtype=self.dtype)
@@ -216,17 +214,18 @@ class Compatibility:
                       "worst_gap_db": max(gaps, default=None)}
         return out
 
-    def result(self) -> dict[str, Any]:
+    def result(self, groups: dict[str, list[int]]) -> dict[str, Any]:
+        """Totals, with the cross-decoding gaps also over each group of videos (name -> indices in the order added,
+        e.g. the videos of each motion level)."""
         a = self.image_mode
         errors = a["latent_rel_error"]
-        by_motion = {level: [i for i, v in enumerate(self.motion) if v == level] for level, _ in MOTION_LEVELS}
-        every = list(range(len(self.motion)))
+        every = list(range(len(self.cross["first"])))
         return {
             "image_mode": {"frames": len(errors), **{k: _avg(v) for k, v in a.items() if k != "latent_rel_error"},
                            "latent_rel_error_mean": _avg(errors), "latent_rel_error_max": max(errors, default=None)},
             "cross_decoding": {"videos": len(self.cross["first"]), "mappings": self._mappings(every),
                                "by_motion": {level: {"videos": len(videos), "mappings": self._mappings(videos)}
-                                             for level, videos in by_motion.items() if videos}},
+                                             for level, videos in groups.items() if videos}},
             "video_decoder_from_image_latents": {"videos": len(self.video_from_image_latents),
                                                  "psnr": _avg(self.video_from_image_latents),
                                                  "cvvae_psnr": _avg(self.own_video_psnr)},

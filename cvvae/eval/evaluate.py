@@ -310,10 +310,11 @@ class _Run:
         if video and self.detector is not None:
             self.real_features.append(i3d_features(self.detector, ref))
         reference = reference_for_video(self.vae, x, index) if video and self.vae is not None else None
+        # seams are measured over the same frames for every model: all models' handovers, once per clip length
+        spans = seam_positions([m for _, m in self.weights], x.shape[2]) if video else []
         recons = []
         for name, model in [*self.weights, *((b, None) for b in self.baselines)]:
-            out, record["models"][name] = self._reconstruct(kind, name, model, x, ref, reference,
-                                                            record.get("motion", {}).get("level"))
+            out, record["models"][name] = self._reconstruct(kind, name, model, x, ref, reference, spans)
             recons.append(out)
         self.items[kind].append(record)
         if len(self.items[kind]) <= STRIP_ITEMS:
@@ -323,9 +324,9 @@ class _Run:
                                            "image": _strip([ref, *recons], cols)}
 
     def _reconstruct(self, kind: str, name: str, model: CVVAE | None, x: torch.Tensor, ref: torch.Tensor,
-                     reference: Any, motion: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
+                     reference: Any, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, Any]]:
         """One model (or, with `model` None, the baseline `name`) on one item: its uint8-rounded frames in [0, 1]
-        and the item's row of metrics."""
+        and the item's row of metrics (seam ratio over the frame `spans`)."""
         video, totals = kind == "videos", self.totals[kind][name]
         t0 = time.perf_counter()
         if model is None:
@@ -338,7 +339,7 @@ class _Run:
         p, s = psnr(out, ref), ssim(out, ref)
         lp = _lpips(self.lpips, out, ref) if self.lpips is not None else None
         terr = temporal_error(ref, out) if video else None
-        seam = seam_ratio(terr, seam_positions([m for _, m in self.weights], x.shape[2])) if video else None
+        seam = seam_ratio(terr, spans) if video else None
         totals.add(p, s, lp, video, terr, seam)
         row = {"psnr": float(p.mean()), "ssim": float(s.mean()), "lpips": float(lp.mean()) if lp is not None else NA}
         if video:
@@ -351,7 +352,7 @@ class _Run:
         if isinstance(c, Compatibility):
             mean = latents.mean.float().cpu()
             if video:
-                row["cross_decoding_gap_db"] = c.add_video(x, reference, mean, recon, motion)
+                row["cross_decoding_gap_db"] = c.add_video(x, reference, mean, recon)
             else:
                 c.add_image(x, mean, recon)
         return out, row
@@ -370,12 +371,17 @@ class _Run:
             out[name] = {"videos": rv, "images": self.totals["images"][name].result(video=False)}
         return out
 
+    def motion_groups(self) -> dict[str, list[int]]:
+        """Motion level -> indices of its videos (in evaluation order)."""
+        return {level: [i for i, it in enumerate(self.items["videos"]) if it["motion"]["level"] == level]
+                for level, _ in MOTION_LEVELS}
+
     def by_motion(self) -> dict[str, dict[str, dict[str, float]]]:
         """Video PSNR and SSIM of each model averaged over the videos of each motion level."""
         out: dict[str, dict[str, dict[str, float]]] = {}
-        for name in self.names:
-            for level, _ in MOTION_LEVELS:
-                rows = [it["models"][name] for it in self.items["videos"] if it["motion"]["level"] == level]
+        for level, videos in self.motion_groups().items():
+            for name in self.names:
+                rows = [self.items["videos"][i]["models"][name] for i in videos]
                 if rows:
                     out.setdefault(name, {})[level] = {"videos": len(rows),
                                                        "psnr": sum(r["psnr"] for r in rows) / len(rows),
@@ -384,14 +390,19 @@ class _Run:
 
     def curves(self, temporal: bool = False) -> dict[str, list[float]]:
         """Per-frame PSNR (or per-transition temporal error) averaged over videos, per model."""
-        videos = {name: self.totals["videos"][name] for name in self.names}
-        return {name: ((v.temporal_curve if temporal else v.curve) / len(v.first)).tolist()
-                if (v.temporal_curve if temporal else v.curve) is not None else [] for name, v in videos.items()}
+        out = {}
+        for name in self.names:
+            v = self.totals["videos"][name]
+            total = v.temporal_curve if temporal else v.curve
+            out[name] = (total / len(v.first)).tolist() if total is not None else []
+        return out
 
     def compatibility(self) -> dict[str, Any] | str:
         if self.vae is None:
             return NA
-        return {name: (c.result() if isinstance(c, Compatibility) else f"{NA} ({c})") for name, c in self.compat.items()}
+        groups = self.motion_groups()
+        return {name: (c.result(groups) if isinstance(c, Compatibility) else f"{NA} ({c})")
+                for name, c in self.compat.items()}
 
 
 def bicubic_codec(x: torch.Tensor, factor: int = 8) -> torch.Tensor:

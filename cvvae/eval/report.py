@@ -54,8 +54,8 @@ Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", h
 
 
 def _motion(item: dict[str, Any]) -> str:
-    m = item.get("motion")  # absent in metrics.json files written before motion levels
-    return f"{m['mean_frame_difference']:.1f} ({m['level']})" if m else "n/a"
+    m = item["motion"]
+    return f"{m['mean_frame_difference']:.1f} ({m['level']})"
 
 
 def _compat_blocks(c: dict[str, Any] | str) -> list[Block]:
@@ -77,13 +77,13 @@ def _compat_blocks(c: dict[str, Any] | str) -> list[Block]:
                   ("h", 3, "(b) Cross-decoding: CV-VAE latents -> image decoder, vs psi(X)"), ("table",
                   ["model", "mapping", "videos", "PSNR", "image VAE PSNR", "gap (dB)", "worst video gap (dB)"],
                   [[n, mp, fmt_value(r["cross_decoding"]["videos"]), fmt_value(v["psnr"]), fmt_value(v["image_vae_psnr"]),
-                    fmt_value(v["gap_db"]), fmt_value(v.get("worst_gap_db"))]
+                    fmt_value(v["gap_db"]), fmt_value(v["worst_gap_db"])]
                    for n, r in ok.items() for mp, v in r["cross_decoding"]["mappings"].items()]),
                   ("p", "Gap by motion level (" + DEFINITIONS["motion"] + "), mean / worst video:"), ("table",
                   ["model", "motion", "videos", *MAPPINGS],
                   [[n, level, fmt_value(g["videos"]), *(f"{fmt_value(v['gap_db'])} / {fmt_value(v['worst_gap_db'])}"
                                                          for v in g["mappings"].values())]
-                   for n, r in ok.items() for level, g in r["cross_decoding"].get("by_motion", {}).items()]),
+                   for n, r in ok.items() for level, g in r["cross_decoding"]["by_motion"].items()]),
                   ("h", 3, "(c) Image-VAE latents of psi_slice(X) -> CV-VAE decoder, vs X"), ("table",
                   ["model", "videos", "PSNR", "CV-VAE's own PSNR"],
                   [[n, fmt_value(v["videos"]), fmt_value(v["psnr"]), fmt_value(v["cvvae_psnr"])]
@@ -108,7 +108,7 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
         f"Videos: {pv['source']} - {pv['evaluated']} evaluated, {pv['skipped']} skipped of {pv['listed']} listed; "
         f"{pv['frames']} frames from frame {pv['start_frame']} with stride {pv['stride']}; {pv['resize']}; "
         f"{pv['crop']} crop; seam ratios over frames "
-        f"{', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in pv.get('seam_spans', [])) or '(none)'}.",
+        f"{', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in pv['seam_spans']) or '(none)'}.",
         f"Images: {pi['source']} - {pi['evaluated']} evaluated, {pi['skipped']} skipped of {pi['listed']} listed; "
         f"{pi['resize']}; {pi['crop']} crop.",
         f"At most {p['max_items']} items of each kind." if p["max_items"] else "All items.",
@@ -132,7 +132,7 @@ def _blocks(m: dict[str, Any], strip_files: dict[str, str], plot: str | None) ->
           ("table", ["model", *(level for level, _ in MOTION_LEVELS)],
            [[n, *(f"{fmt_value(g['psnr'])} / {fmt_value(g['ssim'], 4)} ({g['videos']})" if g else "-"
                   for g in (r.get(level) for level, _ in MOTION_LEVELS))]
-            for n, r in m.get("reconstruction_by_motion", {}).items()]),
+            for n, r in m["reconstruction_by_motion"].items()]),
           ("table", ["model", "latent channels", "parameters", "dtype", "scaling factor", "frames per round",
                      "chunk mode", "chunk boundaries (frame)"],
            [[n, fmt_value(i["latent_channels"]), f"{i['parameters']:,}", i["dtype"], fmt_value(i["scaling_factor"], 5),
@@ -222,7 +222,7 @@ def _plot(m: dict[str, Any], path: Path) -> None:
     top, bottom = fig.subplots(2, 1, sharex=True)
     bounds = {n: tuple(i["chunk_boundaries"]) for n, i in m["models"].items()}
     same = len(set(bounds.values())) == 1
-    temporal = m.get("per_frame_temporal_error", {})
+    temporal = m["per_frame_temporal_error"]
     for name, curve in m["per_frame_psnr"].items():
         if not curve:
             continue

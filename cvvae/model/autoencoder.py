@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from . import frames
 from .frames import time_levels
-from .chunking import check_tiles
+from .chunking import check_tiles, decode_latents, encode_moments, max_blend_overlap
 from .layers import (Conv3d, Downsample, FrameConv2d, GroupNorm, MidAttention, ResnetBlock, Upsample, is_channels_last,
                      pad_frames, silu)
 
@@ -281,8 +281,6 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self._chunk_mode = mode
 
     def _max_blend_overlap(self) -> int:
-        from .chunking import max_blend_overlap
-
         step = self.config.en_de_n_frames_a_time
         return max_blend_overlap(step // self.temporal_compression_ratio) if step else 0
 
@@ -399,15 +397,11 @@ class CVVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         return self.decoder(z)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        from .chunking import encode_moments
-
         if self.use_slicing and x.shape[0] > 1:
             return torch.cat([self._encode(xi) for xi in x.split(1)])
         return encode_moments(self, x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        from .chunking import decode_latents
-
         if self.use_slicing and z.shape[0] > 1:
             return torch.cat([self._decode(zi) for zi in z.split(1)])
         return decode_latents(self, z)
