@@ -134,7 +134,7 @@ PY
         --videos "$MEDIA/motion/heldout" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
         -o "$RUNS/eval-unseen-${out##*-}"
     # and on the five whole real videos no training file comes from (get_sample_media.sh --with-unseen)
-    [[ ! -d "$MEDIA/unseen" || -f "$RUNS/eval-real-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" \
+    [[ ! -s "$MEDIA/unseen/.done" || -f "$RUNS/eval-real-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" \
         --name "$name" --videos "$MEDIA/unseen" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
         -o "$RUNS/eval-real-${out##*-}"
 }

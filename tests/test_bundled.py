@@ -140,6 +140,4 @@ def test_info_of_the_bundled_model_gives_what_it_measures_on_unseen_scenes(capsy
     assert main(["info", str(BUNDLED_DIR / "cvvae"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["variant"] == "the bundled demo model"
-    assert info["unseen_videos_psnr_256px"] == MEASURED["unseen_videos_psnr_256px"]
-    assert info["unseen_videos_psnr_256px"] > info["unseen_videos_bicubic_8x_psnr_256px"]  # real video: above the codec
-    assert info["unseen_motion_clips_psnr_256px"] < info["unseen_motion_clips_bicubic_8x_psnr_256px"]  # smooth renders
+    assert {k: info[k] for k in MEASURED} == MEASURED
