@@ -51,3 +51,21 @@ def test_ssim_matches_scikit_image_on_real_and_near_identical_frames(case):
                                         channel_axis=2, gaussian_weights=True, sigma=1.5,
                                         use_sample_covariance=False, data_range=1.0)
     assert abs(ssim(x, y).item() - ref) < 1e-6, (ssim(x, y).item(), ref)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 2 * 3 * 40 * 48, 1 << 22])
+def test_ssim_of_many_frames_scores_each_frame_whatever_the_chunking(monkeypatch, chunk_values):
+    # frames are scored a few at a time (bounded memory): every frame's value is still scikit-image's
+    import cvvae.eval.metrics as metrics_module
+
+    metrics = pytest.importorskip("skimage.metrics")
+    monkeypatch.setattr(metrics_module, "SSIM_CHUNK_VALUES", chunk_values)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(5, 3, 40, 48, generator=g)
+    y = (x + 0.05 * torch.arange(1, 6).view(5, 1, 1, 1) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    refs = [metrics.structural_similarity(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(), channel_axis=2,
+                                          gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                          data_range=1.0) for a, b in zip(x, y)]
+    values = ssim(x, y)
+    assert values.shape == (5,)
+    np.testing.assert_allclose(values.numpy(), refs, atol=1e-5)
