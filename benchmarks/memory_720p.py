@@ -7,8 +7,8 @@
 The model is the released architecture (`CVVAE()`, 182 M parameters) with random weights, saved once in fp32 to
 `--model-dir` and loaded by the command as a user's weights would be (`--dtype auto`: bf16 weights, channels-last,
 where the CPU computes bf16 natively). Every length runs the unchanged command line in a fresh process (blended
-rounds and the model's 576-px spatial tiles, the defaults, or `--tile-size`), and its peak RSS is that process's own (`os.wait4`, the
-figure `/usr/bin/time -v` prints as "Maximum resident set size"). The input is a real 1280x720 video: imageio's
+rounds and the model's 576-px spatial tiles, the defaults, or `--tile-size`), and its peak RSS is that process's
+own (`os.wait4`, the figure `/usr/bin/time -v` prints as "Maximum resident set size"). The input is a real 1280x720 video: imageio's
 cockatoo.mp4 (280 frames), fetched by `scripts/get_sample_media.sh --with-unseen`.
 """
 

@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +48,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Frames are scored a few at a time, so memory stays bounded whatever N and the frame size (all 17 frames of a
     720p piece at once took 6 GB of float64 temporaries)."""
-    step = max(1, SSIM_CHUNK_VALUES // max(1, x[0].numel()))
+    step = max(1, SSIM_CHUNK_VALUES // max(1, math.prod(x.shape[1:])))
+    if x.shape[0] <= step:
+        return _ssim(x, y)
     return torch.cat([_ssim(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)])
 
 
