@@ -3,8 +3,9 @@
 #
 #   scripts/reproduce_bundled.sh [data] [phase1] [ablation] [eval] [shipped] [continued] [extended] [round4]
 #                                [decoder] [crops] [fullres] [fullres2] [joint256] [joint256b] [deeper]
-#                                [deeper256] [deeper256b] [joint256c] [deeper256c] [diverse] [diverse2] [diverse3] [ship]
-#                                (no argument: all)
+#                                [deeper256] [deeper256b] [joint256c] [deeper256c] [diverse] [diverse2] [diverse3]
+#                                [wide] [ship]
+#                                (no argument: all but wide)
 #
 # phase1/ablation/eval: the 4-channel study of docs/reproduction.md. shipped: round 1 of the model that
 # ships, the same recipe with 16 latent channels (the SD3 variant's width), longer (3000 + 800 steps),
@@ -26,7 +27,9 @@
 # (scripts/get_sample_media.sh --with-wallpapers), evaluated on the held-out wallpapers' clips and on five whole
 # real videos that no training file comes from (--with-unseen); MIXED=bf16 trains in bf16 autocast (for CPUs with
 # native bf16). diverse2: round 17, round 16 once more from its end (shipped until round 18); diverse3: round 18,
-# the same once more (what ships). ship: copies round 18 (and its image VAE, round 4's) into cvvae/assets/bundled.
+# the same once more (what ships). wide: round 19, round 18 widened 2x (`cvvae convert --widen 2`) and trained
+# with the same recipe in a round of 150 steps (not run by default). ship: copies round 18 (and its image VAE,
+# round 4's) into cvvae/assets/bundled.
 #
 # Runs go to ${RUNS:-runs}/ (checkpoints every 25-250 steps: rerun a stage after an interruption and
 # its training runs continue with --resume). Media and the train/held-out split come from
@@ -101,11 +104,16 @@ train() {  # output_dir config overrides...: train, or continue an interrupted r
     "$CVVAE" train "$@" output_dir="$out" "${resume[@]}"
 }
 
-round256() {  # OUT INIT VAE2D REPORT OVERRIDES...: a round on 256-px crops (the evaluation's size; squared
-              # error, 1 clip or 2 photos a batch) from INIT against the image VAE VAE2D, evaluated into REPORT
-    local out="$1" init="$2" vae2d="$3" report="$4"; shift 4
+train256() {  # OUT INIT VAE2D OVERRIDES...: a round on 256-px crops (the evaluation's size; squared error, 1 clip or
+              # 2 photos a batch) from INIT against the image VAE VAE2D
+    local out="$1" init="$2" vae2d="$3"; shift 3
     train "$out" configs/bundled-3d.yaml image_vae="$vae2d" init="$init" "${SHIPPED[@]}" loss.pixel_loss=l2 \
         data.crop=256 data.video_batch=1 data.image_batch=2 "$@"
+}
+
+round256() {  # OUT INIT VAE2D REPORT OVERRIDES...: train256, then evaluated into REPORT
+    local out="$1" init="$2" vae2d="$3" report="$4"; shift 4
+    train256 "$out" "$init" "$vae2d" "$@"
     eval_shipped "$out/final" "$vae2d" "$report"
 }
 
@@ -126,17 +134,19 @@ if leaks:
     sys.exit(f"error: held-out scenes in the training data: {leaks[:5]} (rerun scripts/get_sample_media.sh)")
 print(f"{len(train)} training files, none from the {len(held)} held-out photographs")
 PY
-    round256 "$out" "$init" cvvae/assets/bundled/vae2d "$RUNS/eval-shipped-${out##*-}" \
-        data.videos="$RUNS/diverse-train.csv" loss.random_frame_weights=[1,1,1,2] steps=300 save_every=25 \
-        mixed_precision="${MIXED:-no}" "$@"
-    # the shipped model's figures on the same clips are the headline's (eval-unseen-256)
-    [[ -f "$RUNS/eval-unseen-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" --name "$name" \
-        --videos "$MEDIA/motion/heldout" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
-        -o "$RUNS/eval-unseen-${out##*-}"
-    # and on the five whole real videos no training file comes from (get_sample_media.sh --with-unseen)
+    train256 "$out" "$init" cvvae/assets/bundled/vae2d data.videos="$RUNS/diverse-train.csv" \
+        loss.random_frame_weights=[1,1,1,2] steps=300 save_every=25 mixed_precision="${MIXED:-no}" "$@"
+    # first on the five whole real videos no training file comes from (get_sample_media.sh --with-unseen)
     [[ ! -s "$MEDIA/unseen/.done" || -f "$RUNS/eval-real-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" \
         --name "$name" --videos "$MEDIA/unseen" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
         -o "$RUNS/eval-real-${out##*-}"
+    # then on the held-out wallpapers' clips (the shipped model's figures on them are the headline's eval-unseen-256)
+    [[ -f "$RUNS/eval-unseen-${out##*-}/metrics.json" ]] || "$CVVAE" eval --weights "$out/final" --name "$name" \
+        --videos "$MEDIA/motion/heldout" --frames 33 --stride 1 --size 256 --baseline bicubic-8x \
+        -o "$RUNS/eval-unseen-${out##*-}"
+    # and as in the study: the held-out clips of the training shots, with the image VAE (compatibility)
+    [[ -f "$RUNS/eval-shipped-${out##*-}/metrics.json" ]] ||
+        eval_shipped "$out/final" cvvae/assets/bundled/vae2d "$RUNS/eval-shipped-${out##*-}"
 }
 
 for stage in "${STAGES[@]}"; do
@@ -264,6 +274,11 @@ for stage in "${STAGES[@]}"; do
             diverse_round "$RUNS/c16-3d-r17" "$RUNS/c16-3d-r16/final" round17 seed=17 optim.lr=1e-4 ;;
         diverse3)  # round 18: round 17 once more (what ships; the curve: +1.68, +0.46, +0.03 dB on the wallpaper clips)
             diverse_round "$RUNS/c16-3d-r18" "$RUNS/c16-3d-r17/final" round18 seed=18 optim.lr=1e-4 ;;
+        wide)  # round 19: round 18 with twice the channels at every level (the same function at the start), trained
+               # with the same recipe in a round of 150 steps (4x the work per step); docs/reproduction.md says why
+            r18="$RUNS/c16-3d-r18/final"; [[ -f "$r18/config.json" ]] || r18=cvvae/assets/bundled/cvvae  # its fp16 copy
+            [[ -f "$RUNS/c16-3d-r19-init/config.json" ]] || "$CVVAE" convert "$r18" -o "$RUNS/c16-3d-r19-init" --widen 2
+            diverse_round "$RUNS/c16-3d-r19" "$RUNS/c16-3d-r19-init" round19 seed=19 optim.lr=1e-4 steps=150 ;;
         ship)
             rm -rf cvvae/assets/bundled/cvvae && mkdir -p cvvae/assets/bundled
             "$CVVAE" convert "$RUNS/c16-3d-r18/final" -o cvvae/assets/bundled/cvvae --dtype fp16
@@ -276,6 +291,6 @@ for stage in "${STAGES[@]}"; do
                 cvvae/assets/bundled/cvvae ;;
         *) echo "unknown stage '$stage' (data, phase1, ablation, eval, shipped, continued, extended, round4, decoder," \
                 "crops, fullres, fullres2, joint256, joint256b, deeper, deeper256, deeper256b, joint256c, deeper256c, diverse," \
-                "diverse2, diverse3, ship)" >&2; exit 2 ;;
+                "diverse2, diverse3, wide, ship)" >&2; exit 2 ;;
     esac
 done

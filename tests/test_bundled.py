@@ -33,8 +33,11 @@ def models():
 def heldout_clip():
     # 9 frames (1 + 4 x 2) of a held-out part of a real video, centre 128 x 128 of its 256-px frames.
     path = sample("splits/heldout/videos/bigbuckbunny.mkv")
-    frames = list(itertools.islice(read_frames(path), 9))
-    x = to_tensor(frames)
+    return centre_128(to_tensor(list(itertools.islice(read_frames(path), 9))))
+
+
+def centre_128(x: torch.Tensor) -> torch.Tensor:
+    """The centre 128 x 128 of (..., H, W) frames."""
     h, w = x.shape[-2:]
     return x[..., (h - 128) // 2: (h - 128) // 2 + 128, (w - 128) // 2: (w - 128) // 2 + 128]
 
@@ -109,10 +112,7 @@ def test_bundled_model_on_a_scene_it_never_saw(models):
 def test_bundled_model_on_a_real_video_it_never_saw(models):
     # 9 frames of a whole real video held out from training (1280x720 -> short side 128, centre 128 x 128)
     frames = list(itertools.islice(read_frames(sample("unseen/cockatoo.mp4"), short_side=128), 9))
-    x = to_tensor(frames)
-    w = x.shape[-1]
-    x = x[..., (w - 128) // 2: (w - 128) // 2 + 128]
-    value, bicubic = _model_and_bicubic_db(models[0], x)
+    value, bicubic = _model_and_bicubic_db(models[0], centre_128(to_tensor(frames)))
     print(f"bundled model on a real video it never saw: {value:.2f} dB (8x bicubic codec {bicubic:.2f} dB)")
     assert value >= MIN_UNSEEN_VIDEO_PSNR
 

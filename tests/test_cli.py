@@ -13,7 +13,7 @@ from safetensors import safe_open
 from cvvae import CVVAE
 from cvvae.cli import main
 
-from .conftest import TINY_SD3, tiny_model
+from .conftest import TINY_SD3, rel_err, tiny_model
 from .media import sample
 
 
@@ -137,6 +137,11 @@ def test_inflate_convert_info(tmp_path, capsys):
     with torch.no_grad():
         v = torch.rand(1, 3, 5, 16, 16) * 2 - 1
         assert torch.equal(deeper(v).sample, model(v).sample)
+    assert run(capsys, "convert", tmp_path / "converted", "-o", tmp_path / "wider", "--widen", "2", "-q")[0] == 0
+    wider = CVVAE.from_pretrained(tmp_path / "wider")
+    assert wider.config.block_out_channels == [2 * w for w in model.config.block_out_channels]
+    with torch.no_grad():
+        assert rel_err(wider(v).sample, model(v).sample) < 1e-5
     umask = os.umask(0)
     os.umask(umask)  # written folders get the modes of a plain mkdir/open, not mkdtemp's private ones
     assert stat.S_IMODE((tmp_path / "converted").stat().st_mode) == 0o777 & ~umask

@@ -47,6 +47,10 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
     p.add_argument("--num-res-blocks", type=int, metavar="N",
                    help="grow to N ResBlocks per level: the new blocks start as the identity (zero conv2), so the "
                    "output is unchanged until training; capacity for a trained model without a restart")
+    p.add_argument("--widen", type=int, metavar="F",
+                   help="grow to F times the channels at every level: each channel copied F times, the weights that "
+                   "read it split over the copies at random, so the output is unchanged (to float rounding) until "
+                   "training; F^2 times the parameters and the work")
     p.add_argument("--max-shard-size", metavar="SIZE", help="split the weights into shards of at most SIZE "
                    "(e.g. 200MB) with an index file, as diffusers' save_pretrained does")
     p.set_defaults(func=convert)
@@ -95,15 +99,25 @@ def deflate(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
+    import torch
+
     from ..identity import describe
     from ..model import CVVAE
 
+    grow = args.num_res_blocks is not None or args.widen is not None
+    # a grown model is cast once, at the end: widen's split weights rounded straight from their float64 values
     model = CVVAE.from_pretrained(args.input, subfolder=args.subfolder,
-                                  torch_dtype=DTYPES[args.dtype] if args.dtype else None)
+                                  torch_dtype=DTYPES[args.dtype] if args.dtype and not grow else None)
     if args.num_res_blocks is not None:
         from ..model.grow import deepen
 
         model = deepen(model, args.num_res_blocks)
+    if args.widen is not None:
+        from ..model.grow import widen
+
+        model = widen(model, args.widen)
+    if grow and args.dtype:  # torch's to(): diffusers' warns of float32-only modules even when CVVAE has none
+        torch.nn.Module.to(model, DTYPES[args.dtype])
     if args.max_shard_size:
         from huggingface_hub.serialization import split_torch_state_dict_into_shards
 
