@@ -6,7 +6,8 @@ last rounds also camera-motion clips over 36 wallpaper pictures): first a small 
 that VAE inflated to a CV-VAE and trained on clips with decoder latent regularisation through it. It shows the
 method end to end and reconstructs real video: on five whole real videos it never saw it beats a trivial 8x bicubic
 codec in PSNR, though not on fast motion, and on camera motion over held-out pictures (many of them smooth renders)
-it stays under that codec (`MEASURED`); it has seen a few thousand frames of a few dozen scenes. Use the released weights (``AILab-CVC/CV-VAE``, subfolder ``vae3d``) for real work. How it was made and what it measures on held-out
+it stays under that codec (`MEASURED`); it has seen a few thousand frames of a few dozen scenes. Use the released
+weights (``AILab-CVC/CV-VAE``, subfolder ``vae3d``) for real work. How it was made and what it measures on held-out
 clips and unseen scenes: docs/reproduction.md (commands: scripts/reproduce_bundled.sh).
 
     from cvvae.bundled import load_bundled

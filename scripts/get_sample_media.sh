@@ -181,6 +181,7 @@ echo "sample media in $CACHE:"
 (cd "$CACHE" && find . \( -path ./splits -o -path ./motion -o -path ./wallpapers -o -path ./unseen \) -prune -o -type f -print \
     | sort | sed 's|^\./|  |')
 for d in wallpapers motion/train motion/heldout unseen; do
-    [[ -d "$CACHE/$d" ]] && echo "  $d/: $(find "$CACHE/$d" -type f \( -name '*.mkv' -o -name '*.mp4' -o -name '*.mov' -o -name '*.mpg' -o -name '*.mpeg' -o -name '*.avi' -o -name '*.jpg' -o -name '*.png' -o -name '*.webp' \) | wc -l) files"
+    # media files: everything but the packages' copyright files and the .done markers
+    [[ -d "$CACHE/$d" ]] && echo "  $d/: $(find "$CACHE/$d" -type f ! -name '*.copyright' ! -name '.*' | wc -l) files"
 done
 true
