@@ -1,24 +1,26 @@
-"""Live tensor bytes of `cvvae reconstruct`'s encode and decode over a real video, with where they were made.
+"""Live tensor bytes and peak RSS of `cvvae reconstruct`, round by round, with where the largest tensors were made.
 
     python benchmarks/memory_rounds.py 17 720 cvvae/assets/bundled/cvvae     # frames, short side, weights
-    python benchmarks/memory_rounds.py 41 720 cvvae/assets/bundled/cvvae
+    python benchmarks/memory_rounds.py 65 720 cvvae/assets/bundled/cvvae
 
-Streams the first FRAMES frames of unseen/cockatoo.mp4 (`scripts/get_sample_media.sh --with-unseen`) through
-`codec.encode` and `codec.decode_stream` as `cvvae reconstruct` does (`--dtype auto`), counting every live torch
-storage over 1 MiB (the dispatch mode of `memory_trace.py`, on real tensors) and printing each phase's peak with
-the largest tensors alive then and the code that made them. Comparing two lengths shows what a video's later rounds
-hold that its first does not. Peak RSS adds the allocator's and the libraries' own (`memory_720p.py`).
+Runs the command itself, in this process (`--dtype auto`, its default rounds and tiles), on the first FRAMES frames
+of unseen/cockatoo.mp4 (`scripts/get_sample_media.sh --with-unseen`), counting every live torch storage over 1 MiB
+(the dispatch mode of `memory_trace.py`, on real tensors). After each encode and decode round it prints the round's
+peak of live tensors, the largest tensors alive then with the code that made them, and the process's peak RSS so
+far: a later round that peaks above the first holds something the first did not. The RSS includes this trace's
+own bookkeeping; `memory_720p.py` measures the command alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import tempfile
 import traceback
 import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -75,39 +77,31 @@ def main() -> None:
     parser.add_argument("short_side", type=int)
     parser.add_argument("weights", type=Path)
     parser.add_argument("--video", type=Path, default=MEDIA / "unseen" / "cockatoo.mp4")
+    parser.add_argument("--top", type=int, default=4, help="largest tensors listed per round")
     args = parser.parse_args()
     if not args.video.is_file():
         raise SystemExit(f"error: {args.video} is missing (run scripts/get_sample_media.sh --with-unseen, or --video)")
-    from cvvae import CVVAE, codec
-    from cvvae.eval.metrics import psnr, ssim
-    from cvvae.io.video import read_frames, to_frames, to_tensor
+    from cvvae import codec
+    from cvvae.cli import main as cvvae
+    from cvvae.model import chunking
 
-    model = CVVAE.from_pretrained(args.weights).eval()
+    mode, rounds = LiveTensors(), {}
 
-    def frames():
-        return (f for _, f in zip(range(args.frames), read_frames(args.video, short_side=args.short_side)))
+    def traced(fn):  # a round of the encoder (frames in) or the decoder (latents in)
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = fn(x)
+            phase = "encode" if x.shape[1] == 3 else "decode"
+            rounds[phase] = rounds.get(phase, 0) + 1
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            mode.report(f"{phase} round {rounds[phase]} (peak RSS so far {maxrss:.0f} MiB)", args.top)
+            return y
+        return run
 
-    def pieces():  # 16 frames a piece, as `cvvae reconstruct` reads them
-        batch = []
-        for f in frames():
-            batch.append(f)
-            if len(batch) == 16:
-                yield to_tensor(np.stack(batch))
-                batch = []
-        if batch:
-            yield to_tensor(np.stack(batch))
-
-    mode = LiveTensors()
-    with mode:
-        latents = codec.encode(model, pieces(), dtype="auto")
-        mode.report("encode")
-        originals = frames()
-        for piece in codec.decode_stream(model, latents, dtype="auto"):  # decoded and scored as reconstruct does
-            out = to_frames(piece)
-            ref = np.stack([next(originals) for _ in range(len(out))])
-            a, b = (torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255 for f in (ref, out))
-            psnr(a, b), ssim(a, b)
-        mode.report("decode")
+    # the codec runs every round through run_windows: hand it the traced model call
+    codec.run_windows = lambda fn, wins, overlap=0: chunking.run_windows(traced(fn), wins, overlap)
+    with tempfile.TemporaryDirectory() as tmp, mode:
+        cvvae(["reconstruct", str(args.video), "--weights", str(args.weights), "--max-frames", str(args.frames),
+               "--short-side", str(args.short_side), "--dtype", "auto", "-q", "-o", str(Path(tmp) / "out.mp4")])
 
 
 if __name__ == "__main__":

@@ -87,26 +87,26 @@ class Latents:
 
 
 class _Frames:
-    """Pieces (B, C, n, H, W) or single frames (B, C, H, W), padded to a multiple of `s` in space;
-    counts frames and records the original size."""
+    """Checks pieces (B, C, n, H, W) or single frames (B, C, H, W) and pads them to a multiple of `s` in space;
+    counts frames and records the original size. A function of each piece (`map` it over a stream), not a
+    generator: a generator would hold the piece it last gave across its `yield`, while the model runs."""
 
-    def __init__(self, pieces: Iterable[torch.Tensor], s: int, channels: int) -> None:
-        self.pieces, self.s, self.channels = pieces, s, channels
+    def __init__(self, s: int, channels: int) -> None:
+        self.s, self.channels = s, channels
         self.num_frames, self.height, self.width = 0, 0, 0
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for piece in self.pieces:
-            if piece.ndim == 4:
-                piece = piece.unsqueeze(2)
-            if piece.ndim != 5 or piece.shape[1] != self.channels:
-                raise InputError(f"expected frames (B, {self.channels}, [T,] H, W), got shape {tuple(piece.shape)}")
-            H, W = piece.shape[-2:]
-            if self.num_frames and (H, W) != (self.height, self.width):
-                raise InputError(f"frame size changed mid-stream from {self.height}x{self.width} to {H}x{W}")
-            self.num_frames += piece.shape[2]
-            self.height, self.width = H, W
-            ph, pw = -H % self.s, -W % self.s
-            yield F.pad(piece, (0, pw, 0, ph, 0, 0), mode="replicate") if ph or pw else piece
+    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
+        if piece.ndim == 4:
+            piece = piece.unsqueeze(2)
+        if piece.ndim != 5 or piece.shape[1] != self.channels:
+            raise InputError(f"expected frames (B, {self.channels}, [T,] H, W), got shape {tuple(piece.shape)}")
+        H, W = piece.shape[-2:]
+        if self.num_frames and (H, W) != (self.height, self.width):
+            raise InputError(f"frame size changed mid-stream from {self.height}x{self.width} to {H}x{W}")
+        self.num_frames += piece.shape[2]
+        self.height, self.width = H, W
+        ph, pw = -H % self.s, -W % self.s
+        return F.pad(piece, (0, pw, 0, ph, 0, 0), mode="replicate") if ph or pw else piece
 
 
 class StreamEncoder:
@@ -114,16 +114,16 @@ class StreamEncoder:
     `height`, `width` describe the input."""
 
     def __init__(self, model: CVVAE, pieces: Iterable[torch.Tensor], dtype: str | torch.dtype | None = None):
-        self.model = model
-        self.frames = _Frames(pieces, model.spatial_compression_ratio, model.config.in_channels)
+        self.model, self.pieces = model, pieces
+        self.frames = _Frames(model.spatial_compression_ratio, model.config.in_channels)
         self.fn = _precise(model, encoder_fn(model), dtype)  # resolves (and checks) the dtype now
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         t = self.model.temporal_compression_ratio
         shared, blended = encode_overlap(self.model)
+        wins = windows(map(self.frames, self.pieces), encode_step(self.model), pad_to=t, overlap=shared)
         with torch.no_grad():
-            yield from run_windows(self.fn, windows(self.frames, encode_step(self.model), pad_to=t, overlap=shared),
-                                   blended)
+            yield from run_windows(self.fn, wins, blended)
         n = self.frames.num_frames
         if n == 0:
             raise InputError("no frames to encode")
@@ -160,6 +160,10 @@ def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: 
 
     `sample=True` decodes a draw from the posterior (`Latents` with a logvar; `generator` seeds it) instead of
     its mean.
+
+    The stream holds no piece it has given out, so a caller that drops each piece before asking for the next one
+    holds one round's frames at a time. A `for` loop's name stays bound while the next round is decoded: end the
+    loop's body with `del piece`, or loop over a conversion, `for frames in map(to_frames, stream)`.
     """
     if isinstance(latents, Latents):
         num_frames = num_frames or latents.num_frames
@@ -178,6 +182,7 @@ def decode_stream(model: CVVAE, latents: torch.Tensor | Latents, *, num_frames: 
             piece = piece[:, :, :left, : height or None, : width or None]
             left -= piece.shape[2]
             yield piece
+            del piece  # before the next round: see the docstring
             if left <= 0:
                 return
 

@@ -1,6 +1,7 @@
 """The long-video engine: any length and size, streaming equals in memory, official chunking
 equals a straightforward reference, precision handling."""
 
+import gc
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cvvae import InputError, codec
+from cvvae.model.chunking import decode_overlap, encode_overlap
 
 from .conftest import rel_err, tiny_model, video
 
@@ -132,3 +134,44 @@ def test_bad_stream_inputs():
         codec.encode(model, [video(1, 3, 1, 16, 16), video(1, 3, 1, 16, 8)])
     with pytest.raises(InputError, match="another model"):
         codec.decode(model, torch.zeros(1, 16, 2, 2, 2))
+
+
+def _frame_bytes() -> int:
+    """Bytes of the distinct storages behind live (B, 3, T, H, W) tensors: frames, not weights or latents."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gc.get_objects()
+                if type(t) is torch.Tensor and t.ndim == 5 and t.shape[1] == 3}
+    return sum(storages.values())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["official", "blend"])
+@pytest.mark.parametrize("piece", [4, 7, 16])
+def test_streams_hold_one_round_of_frames(mode, piece):
+    """While the model runs on a round, the streams hold only the frames that round and the next one need:
+    not the pieces a window was gathered from, nor a round's output the caller has dropped (docs/benchmarks.md,
+    "In length at 720p")."""
+    model = tiny_model(en_de_n_frames_a_time=16)  # windows of 17 frames
+    model.chunk_mode = mode
+    frame, step = 3 * 16 * 16 * 4, 16
+    shared_in, shared_out = encode_overlap(model)[0], decode_overlap(model)[1]  # 4 and 4 when blended
+    seen = {"encode": [], "decode": []}
+
+    def spy(fn, phase):
+        def run(x):
+            seen[phase].append((_frame_bytes() - before) // frame)
+            return fn(x)
+        return run
+
+    gc.collect()
+    before = _frame_bytes()  # frames that other tests' fixtures keep
+    model.encode_clip, model.decode_clip = spy(model.encode_clip, "encode"), spy(model.decode_clip, "decode")
+    sizes = [piece] * (60 // piece) + [60 % piece + 1]  # 61 frames: four rounds
+    latents = codec.encode(model, (video(1, 3, n, 16, 16) for n in sizes))
+    # the window, the frames the next window shares with it, one piece
+    assert len(seen["encode"]) > 3 and max(seen["encode"]) <= (step + 1) + shared_in + piece
+    lengths = []
+    for out in codec.decode_stream(model, latents):
+        lengths.append(out.shape[2])
+        del out
+    assert sum(lengths) == 61 and len(seen["decode"]) > 3
+    assert max(seen["decode"]) <= (shared_out + 1 if shared_out else 0)  # the blended tail waiting for the next round

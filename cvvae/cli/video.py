@@ -51,18 +51,24 @@ def add_parsers(sub: argparse._SubParsersAction, parents: dict[str, argparse.Arg
 
 def _pieces(frames: Iterable[np.ndarray], bar, n: int = 16):
     """uint8 frames (H, W, 3) -> video pieces (1, 3, n, H, W) in [-1, 1]."""
-    from ..io.video import to_tensor
-
     batch: list[np.ndarray] = []
     for frame in frames:
         batch.append(frame)
         if len(batch) == n:
-            bar.update(n)
-            yield to_tensor(np.stack(batch))
-            batch = []
+            yield _piece(batch, bar)
     if batch:
-        bar.update(len(batch))
-        yield to_tensor(np.stack(batch))
+        yield _piece(batch, bar)
+
+
+def _piece(batch: list[np.ndarray], bar):
+    """The batch's frames as one piece, emptying the batch: nothing of it stays bound across the caller's yield
+    while the model runs."""
+    from ..io.video import to_tensor
+
+    bar.update(len(batch))
+    piece = to_tensor(np.stack(batch))
+    batch.clear()
+    return piece
 
 
 def _encode_file(args: argparse.Namespace, model, keep_logvar: bool):
@@ -82,7 +88,6 @@ def reconstruct(args: argparse.Namespace) -> None:
     import torch
 
     from .. import codec
-    from ..eval.metrics import psnr, ssim
     from ..io.video import VideoWriter, read_frames, to_frames
 
     check_output(args.output, args.input)
@@ -94,14 +99,11 @@ def reconstruct(args: argparse.Namespace) -> None:
     originals = read_frames(args.input, **read_kwargs(args))
     with VideoWriter(args.output, fps=info.fps, crf=args.crf) as writer, \
             progress(args, latents.num_frames, "decode") as bar:
-        for piece in codec.decode_stream(model, latents, dtype=args.dtype, sample=args.sample, generator=generator):
-            out = to_frames(piece)
-            ref = np.stack([next(originals) for _ in range(len(out))])
-            a, b = (torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255 for f in (ref, out))
-            psnrs += psnr(a, b).tolist()
-            ssims += ssim(a, b).tolist()
-            for r, o in zip(ref, out):
-                writer.write(np.concatenate([r, o], axis=1) if args.side_by_side else o)
+        stream = codec.decode_stream(model, latents, dtype=args.dtype, sample=args.sample, generator=generator)
+        for out in map(to_frames, stream):  # each round's float frames are freed once converted (decode_stream)
+            frame_psnrs, frame_ssims = _write_scored(writer, out, originals, args.side_by_side)
+            psnrs += frame_psnrs
+            ssims += frame_ssims
             bar.update(len(out))
     summary = dict(input=str(args.input), output=str(args.output), frames=latents.num_frames,
                    height=latents.height, width=latents.width, fps=info.fps,
@@ -110,6 +112,20 @@ def reconstruct(args: argparse.Namespace) -> None:
     report(args, summary, [
         f"{args.output}: {summary['frames']} frames {summary['width']}x{summary['height']} @ {info.fps:g} fps",
         f"PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.4f}  ({summary['seconds']} s)"])
+
+
+def _write_scored(writer, out: np.ndarray, originals, side_by_side: bool) -> tuple[list[float], list[float]]:
+    """Write decoded uint8 frames (T, H, W, 3) (next to the next T `originals` with `side_by_side`) and score them
+    against those: per-frame PSNR and SSIM. What it makes of a round lives only in here."""
+    import torch
+
+    from ..eval.metrics import psnr, ssim
+
+    ref = np.stack([next(originals) for _ in range(len(out))])
+    for r, o in zip(ref, out):
+        writer.write(np.concatenate([r, o], axis=1) if side_by_side else o)
+    a, b = (torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255 for f in (ref, out))
+    return psnr(a, b).tolist(), ssim(a, b).tolist()
 
 
 def encode(args: argparse.Namespace) -> None:
@@ -167,10 +183,11 @@ def decode(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed) if args.sample else None
     with VideoWriter(args.output, fps=meta.get("fps") or 25.0, crf=args.crf) as writer, \
             progress(args, latents.num_frames, "decode") as bar:
-        for piece in codec.decode_stream(model, latents, dtype=args.dtype, sample=args.sample, generator=generator):
-            for frame in to_frames(piece):
+        stream = codec.decode_stream(model, latents, dtype=args.dtype, sample=args.sample, generator=generator)
+        for frames in map(to_frames, stream):  # each round's float frames are freed once converted (decode_stream)
+            for frame in frames:
                 writer.write(frame)
-            bar.update(piece.shape[2])
+            bar.update(len(frames))
     summary = dict(output=str(args.output), frames=latents.num_frames, height=latents.height,
                    width=latents.width, fps=meta.get("fps"))
     report(args, summary, [f"{args.output}: {latents.num_frames} frames {latents.width}x{latents.height}"])

@@ -303,7 +303,7 @@ def to_tensor(frames: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
         raise InputError(f"expected uint8 frames of shape (T, H, W, 3), got {array.dtype} {array.shape}")
     video = torch.from_numpy(np.ascontiguousarray(array)).permute(3, 0, 1, 2).unsqueeze(0)
-    return video.float() / 127.5 - 1.0
+    return video.float().div_(127.5).sub_(1.0)  # in place: one float copy of the frames, not two at once
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:

@@ -94,22 +94,53 @@ def windows(pieces: Iterable[torch.Tensor], step: int | None, pad_to: int | None
     the last window may be shorter (it always reaches past the one before).
 
     `step=None` gives one window holding everything. With `pad_to=t` the last window is padded by
-    repeating its last frame up to 1 + t*k frames. One piece in, no copies: windows are views.
+    repeating its last frame up to 1 + t*k frames. Each window is a new dense tensor (one piece that is a
+    window already is passed on as it is). While a window is out, this generator holds only the frames the next
+    window needs (the few frames a piece leaves are copied out of it), never the pieces the window was gathered
+    from: the frames in flight are the window, the frames it shares with the next one and at most one piece.
     """
-    buf: torch.Tensor | None = None
-    emitted = False
+    held: list[torch.Tensor] = []  # frames read and still needed (`count`), as views of their pieces
+    count, emitted = 0, False
     for piece in pieces:
-        buf = piece if buf is None else torch.cat([buf, piece], dim=2)
-        while step and buf.shape[2] >= step + 1:
-            yield dense(buf[:, :, : step + 1])  # views along T are strided: conv kernels slow down
+        held.append(piece)
+        count += piece.shape[2]
+        del piece
+        while step and count >= step + 1:
+            window = _join(_span(held, 0, step + 1))
+            held = _span(held, step - overlap, count)
+            if _partial(held[0]) and held[0].shape[2] <= step:  # a few frames of a piece: keep those, not the piece
+                held[0] = held[0].clone()
+            count -= step - overlap
             emitted = True
-            buf = buf[:, :, step - overlap:]
-    if buf is None:
-        return
-    if buf.shape[2] > overlap + 1 or not emitted:
-        if pad_to and (buf.shape[2] - 1) % pad_to:
-            buf = pad_frames(buf, 0, padded_frames(buf.shape[2], pad_to) - buf.shape[2])
-        yield buf
+            yield window
+            del window  # before the next piece is read: the caller is done with it
+    if count > overlap + 1 or (held and not emitted):
+        window, held = _join(held), []
+        if pad_to and (count - 1) % pad_to:
+            window = pad_frames(window, 0, padded_frames(count, pad_to) - count)
+        yield window
+
+
+def _span(pieces: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+    """Frames [start, stop) of consecutive pieces, as views of the pieces they fall in."""
+    out, offset = [], 0
+    for p in pieces:
+        n = p.shape[2]
+        a, b = max(start - offset, 0), min(stop - offset, n)
+        if a < b:
+            out.append(p if (a, b) == (0, n) else p[:, :, a:b])
+        offset += n
+    return out
+
+
+def _partial(t: torch.Tensor) -> bool:
+    """Whether t is a view of part of a larger storage (which it keeps alive whole)."""
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Consecutive pieces as one dense tensor: a copy, unless one dense piece is all there is."""
+    return dense(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def run_windows(fn: Fn, wins: Iterable[torch.Tensor], overlap: int = 0) -> Iterator[torch.Tensor]:
@@ -117,20 +148,29 @@ def run_windows(fn: Fn, wins: Iterable[torch.Tensor], overlap: int = 0) -> Itera
     them is the boundary the later window starts from, whose own output is dropped (as released); over the other
     `overlap` the earlier window's values fade into the later window's, linearly (weight k / (overlap + 1) on the
     later one, k = 1 .. overlap). With `overlap=0` these are the released rounds: one piece per window. Blended,
-    each window's last frames wait for the next window, and the last ones come as a final piece."""
+    each window's last frames wait for the next window, and the last ones come as a final piece.
+
+    Neither a window nor an output piece stays referenced here once it is used: a caller that drops each piece
+    before asking for the next one holds one round's output at a time."""
     if overlap == 0:
-        for n, w in enumerate(wins):
+        first = True  # not enumerate: its reused (n, w) tuple would hold the last window while the next is built
+        for w in wins:
             out = fn(w)
-            yield out if n == 0 else out[:, :, 1:]
+            del w
+            yield out if first else out[:, :, 1:]
+            del out
+            first = False
         return
     shared, tail = overlap + 1, None
     for w in wins:
         out = fn(w)
+        del w
         if tail is not None:
             out = torch.cat([_fade(tail, out[:, :, :shared]), out[:, :, shared:]], dim=2)
         out, tail = out[:, :, :-shared], out[:, :, -shared:].clone()  # frees the rest of the window
         if out.shape[2]:
             yield out
+        del out
     if tail is not None:
         yield tail
 
