@@ -5,7 +5,7 @@
 
 Runs the command itself, in this process (`--dtype auto`, its default rounds and tiles), on the first FRAMES frames
 of unseen/cockatoo.mp4 (`scripts/get_sample_media.sh --with-unseen`), counting every live torch storage over 1 MiB
-(the dispatch mode of `memory_trace.py`, on real tensors). After each encode and decode round it prints the round's
+(`memory_trace.py`'s dispatch mode, on real tensors). After each encode and decode round it prints the round's
 peak of live tensors, the largest tensors alive then with the code that made them, and the process's peak RSS so
 far: a later round that peaks above the first holds something the first did not. The RSS includes this trace's
 own bookkeeping; `memory_720p.py` measures the command alone.
@@ -18,51 +18,24 @@ import os
 import resource
 import tempfile
 import traceback
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from memory_trace import LiveBytes  # benchmarks/ is on the path of a script run from it
 
 MEDIA = Path(os.environ.get("CVVAE_MEDIA", Path.home() / ".cache" / "cvvae" / "media"))
 
 
-class LiveTensors(TorchDispatchMode):
-    """Live bytes of CPU storages over 1 MiB made under this mode, each with the cvvae lines that made it."""
+class LiveTensors(LiveBytes):
+    """Live bytes of storages over 1 MiB made under this mode, each with the cvvae lines that made it."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.refs, self.sizes, self.origin = {}, {}, {}
-        self.live = self.peak = 0
-        self.at_peak: list[tuple[int, str]] = []
+        super().__init__(min_bytes=2**20)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes() >= 2**20:
-                self._track(t, func)
-        return out
-
-    def _track(self, t: torch.Tensor, func) -> None:
-        key = t.untyped_storage()._cdata
-        if key not in self.refs:
-            sites = [f"{f.filename.rsplit('cvvae/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
-                     if "/cvvae/" in f.filename]
-            self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
-            self.origin[key] = f"{func.__name__} at " + " < ".join(sites[::-1][:3])
-            self.live += self.sizes[key]
-            if self.live > self.peak:
-                self.peak = self.live
-                self.at_peak = sorted(((self.sizes[k], self.origin[k]) for k in self.refs), reverse=True)
-        self.refs[key] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.live -= self.sizes.pop(key)
-            del self.refs[key], self.origin[key]
+    def origin_of(self, func) -> str:
+        sites = [f"{f.filename.rsplit('cvvae/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                 if "/cvvae/" in f.filename]
+        return f"{func.__name__} at " + " < ".join(sites[::-1][:3])
 
     def report(self, phase: str, top: int = 6) -> None:
         print(f"{phase}: peak {self.peak / 2**20:.0f} MiB of live tensors")

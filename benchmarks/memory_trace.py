@@ -20,11 +20,12 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveBytes(TorchDispatchMode):
-    """Live bytes of the storages created under this mode; a storage counts until its last tensor dies."""
+    """Live bytes of the storages created under this mode; a storage counts until its last tensor dies. Storages in
+    `external` (weights) and under `min_bytes` are not counted; each counted one is labelled by `origin_of`."""
 
-    def __init__(self, external: set[int]) -> None:
+    def __init__(self, external: set[int] = frozenset(), min_bytes: int = 0) -> None:
         super().__init__()
-        self.external, self.refs, self.sizes, self.origin = external, {}, {}, {}
+        self.external, self.min_bytes, self.refs, self.sizes, self.origin = external, min_bytes, {}, {}, {}
         self.live = self.peak = 0
         self.at_peak: list[tuple[int, str]] = []
         self.where: list[str] = ["-"]
@@ -32,16 +33,20 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.min_bytes:
+                self._track(t, func)
         return out
 
-    def _track(self, t: torch.Tensor) -> None:
+    def origin_of(self, func) -> str:
+        """The module running now (`where`, kept by the caller's hooks)."""
+        return self.where[-1]
+
+    def _track(self, t: torch.Tensor, func) -> None:
         key = t.untyped_storage()._cdata
         if key in self.external:
             return
         if key not in self.refs:
-            self.refs[key], self.sizes[key], self.origin[key] = 0, t.untyped_storage().nbytes(), self.where[-1]
+            self.refs[key], self.sizes[key], self.origin[key] = 0, t.untyped_storage().nbytes(), self.origin_of(func)
             self.live += self.sizes[key]
             if self.live > self.peak:
                 self.peak = self.live
