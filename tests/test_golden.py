@@ -9,6 +9,9 @@ from cvvae import CVVAE
 from .conftest import rel_err
 
 VARIANTS = ["sd21", "sd3"]
+# Relative L2 error allowed against the official float32 outputs: float32 rounding. Measured 0.8e-6 to 3.2e-6 over
+# every output here (AVX512 CPU, 2026-12-07); a mis-mapped weight or a changed operation shows as 1e-3 and up.
+FP32_ROUNDING = 2e-5
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -24,8 +27,8 @@ def case(request):
 @torch.no_grad()
 def test_single_clip_encoder_and_decoder(case):
     _, model, g = case
-    assert rel_err(model.encoder(g["single_x"]), g["single_moments"]) < 1e-4
-    assert rel_err(model.decoder(g["single_z"]), g["single_y"]) < 1e-4
+    assert rel_err(model.encoder(g["single_x"]), g["single_moments"]) < FP32_ROUNDING
+    assert rel_err(model.decoder(g["single_z"]), g["single_y"]) < FP32_ROUNDING
 
 
 @pytest.mark.parametrize("kind", ["chunked", "tiledw", "tiledh"])
@@ -33,9 +36,9 @@ def test_single_clip_encoder_and_decoder(case):
 def test_official_chunking_and_tiling(case, kind):
     _, model, g = case
     posterior = model.encode(g[f"{kind}_x"]).latent_dist
-    assert rel_err(posterior.mean, g[f"{kind}_mean"]) < 1e-4
-    assert rel_err(posterior.logvar, g[f"{kind}_logvar"]) < 1e-4
-    assert rel_err(model.decode(g[f"{kind}_z"]).sample, g[f"{kind}_y"]) < 1e-4
+    assert rel_err(posterior.mean, g[f"{kind}_mean"]) < FP32_ROUNDING
+    assert rel_err(posterior.logvar, g[f"{kind}_logvar"]) < FP32_ROUNDING
+    assert rel_err(model.decode(g[f"{kind}_z"]).sample, g[f"{kind}_y"]) < FP32_ROUNDING
 
 
 @torch.no_grad()

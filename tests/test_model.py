@@ -223,6 +223,51 @@ def test_single_frame_conv_equals_the_padded_3d_conv(time_padding, space_padding
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+def _conv_of_nearest_2x(x, weight, bias, time_padding, space_padding):
+    """The official upsampler's arithmetic with torch's own ops: nearest 2x in space, pad, a valid 3D conv."""
+    up = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    if space_padding == "replicate":
+        up = F.pad(up, (1, 1, 1, 1, 0, 0), mode="replicate")
+    time_pad = {"zeros": 1, "replicate": 0, "causal": 0}[time_padding]
+    if time_padding != "zeros":  # 5-D replicate pads the last three dims: pad T only
+        up = F.pad(up, (0, 0, 0, 0, 1, 1) if time_padding == "replicate" else (0, 0, 0, 0, 2, 0), mode="replicate")
+    return F.conv3d(up, weight, bias, padding=(time_pad, *([1, 1] if space_padding == "zeros" else [0, 0])))
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+@pytest.mark.parametrize("time_padding", ["causal", "replicate", "zeros"])
+@pytest.mark.parametrize("space_padding", ["zeros", "replicate"])
+@pytest.mark.parametrize("out_channels", [5, 64])
+def test_nearest_2x_conv_is_the_conv_of_the_upsampled_input(out_channels, frames, time_padding, space_padding,
+                                                            monkeypatch):
+    """The transposed-conv form (5 output channels: its kernel is smaller than the upsampled input) and the
+    upsample-then-conv one (64) against torch's ops: float64 values to rounding, gradients of input and weight,
+    and bf16 within bf16's rounding; the kernel made two output channels at a time."""
+    from cvvae.model import layers
+    from cvvae.model.layers import Nearest2xConv3d
+
+    monkeypatch.setattr(layers, "_KERNEL_STEP_ELEMENTS", 2 * 3 * 27)  # 5 output channels: steps of 2, 2, 1
+    torch.manual_seed(0)
+    conv = Nearest2xConv3d(3, out_channels, time_padding=time_padding, space_padding=space_padding).double()
+    x = torch.randn(2, 3, frames, 5, 6, dtype=torch.float64, requires_grad=True)
+    # kernel 5 x 48 (16 for one frame) against 4 x 2 x frames x 30 positions: transposed; 64 output channels: not
+    assert conv.runs_transposed(x) == (out_channels == 5)
+    y = conv(x)
+    ref = _conv_of_nearest_2x(x, conv.weight, conv.bias, time_padding, space_padding)
+    assert y.shape == ref.shape == (2, out_channels, frames, 10, 12)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), (x, conv.weight))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    conv16, x16 = conv.bfloat16().to(memory_format=torch.channels_last_3d), x.detach().bfloat16()
+    with torch.no_grad():
+        fast = conv16(x16.contiguous(memory_format=torch.channels_last_3d)).double()
+        exact = _conv_of_nearest_2x(x16.double(), conv16.weight.double(), conv16.bias.double(), time_padding,
+                                    space_padding)
+    assert rel_err(fast, exact) < 2**-7  # bf16 (8 significant bits) output of exact sums of bf16 inputs
+
+
 @pytest.mark.parametrize("time", [True, False])
 def test_upsample_interleaves_frames_into_a_contiguous_tensor(time):
     from cvvae.model.layers import Upsample
@@ -232,11 +277,11 @@ def test_upsample_interleaves_frames_into_a_contiguous_tensor(time):
     x = torch.randn(1, 4, 3, 5, 6)
     with torch.no_grad():
         y = up(x)
-        ref = up.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        ref = _conv_of_nearest_2x(x, up.conv.weight, up.conv.bias, "replicate", "zeros")
     if time:  # the documented rule: channel half n of frame t is frame 2t + n, frame 0 dropped
         ref = rearrange(ref, "b (n c) t h w -> b c (t n) h w", n=2)[:, :, 1:]
     assert y.shape == (1, 4, 5 if time else 3, 10, 12) and y.is_contiguous()
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_norms_read_bf16_directly_and_match_the_float32_casts():

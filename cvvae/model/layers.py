@@ -1,9 +1,10 @@
 """Building blocks of CV-VAE. Every tensor is (B, C, T, H, W).
 
-The blocks reproduce the official implementation (AILab-CVC/CV-VAE) operation for operation, so
-released checkpoints give the released numbers; module names are the LDM names the official SD2.1
-checkpoint uses (`block`, `nin_shortcut`, `downsample.conv`, `attn_1.q`, ...). Blocks are pure
-functions of their input: temporal chunking, spatial tiling and precision policy live elsewhere.
+The blocks reproduce the official implementation (AILab-CVC/CV-VAE) operation for operation (but for the
+upsamplers' conv, `Nearest2xConv3d`, which computes the same values with fewer operations), so released checkpoints
+give the released numbers; module names are the LDM names the official SD2.1 checkpoint uses (`block`,
+`nin_shortcut`, `downsample.conv`, `attn_1.q`, ...). Blocks are pure functions of their input: temporal chunking,
+spatial tiling and precision policy live elsewhere.
 
 Padding is explicit because it is what distinguishes the two released variants:
 - time: "causal" (encoder: 2p copies of the first frame in front, nothing behind),
@@ -196,6 +197,70 @@ class Downsample(nn.Module):
         return self.conv(pad_frames(x, 2))
 
 
+# Nearest 2x then a 3-tap conv, along one axis: output 2i sees inputs i-1, i, i through taps w0, w1, w2, and output
+# 2i+1 sees i, i, i+1. As a stride-2 transposed conv of the input (output n gets input m through tap n - 2m + 1),
+# its 4 taps are (w2, w1+w2, w0+w1, w0): row j says which conv taps transposed tap j sums.
+_NEAREST_2X_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+_KERNEL_STEP_ELEMENTS = 2**19  # weight elements summed per step when making a transposed kernel (2 MiB in float32)
+
+
+class Nearest2xConv3d(Conv3d):
+    """A k=3 `Conv3d` applied to its input upsampled 2x in space (nearest), without making the upsampled input.
+
+    The conv on the upsampled input is, in exact arithmetic, a transposed conv of the input itself, stride 2 in
+    space, whose 3x4x4 kernel sums the conv's taps (`_NEAREST_2X_TAPS`): 48 multiply-adds per input pixel and
+    channel pair instead of 4 x 27 = 108, and no input 4x the size of x. The values are those of the conv up to
+    floating-point rounding (tests/test_model.py); the weight and its state-dict key stay the conv's. The decoder's
+    upsamplers are 30% of the SD2.1-size model's FLOPs: this makes them 1.6-2.0x faster (docs/benchmarks.md).
+
+    The kernel is made from the weight at every call, 48/27 of its size (oneDNN then reorders it once more), so
+    on small inputs it would hold more memory than the upsampled copy it saves, and take longer to make than the
+    conv saves: there the conv runs on the upsampled input as before (`runs_transposed`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, time_padding: TimePadding,
+                 space_padding: SpacePadding) -> None:
+        super().__init__(in_channels, out_channels, 3, time_padding=time_padding, space_padding=space_padding)
+
+    def runs_transposed(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the transposed conv: when its kernel (in x out x 48 taps, 16 for one frame) is
+        smaller than the upsampled x it replaces (in x 4 x positions of x)."""
+        taps = 16 if x.shape[2] == 1 and self.single_frame_shortcut else 48
+        return self.out_channels * taps < 4 * x[:, 0].numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.runs_transposed(x):
+            return super().forward(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        kernel = self._transposed_kernel()
+        if x.shape[2] == 1 and self.single_frame_shortcut:  # one frame: a 2D kernel, as in Conv3d._single_frame
+            kernel, time_crop = kernel[:, :, 1:2] if self.time_padding == "zeros" else kernel.sum(2, keepdim=True), 0
+        elif self.time_padding == "zeros":
+            time_crop = 1  # cropping 1 output at each end of the transposed conv = zero padding 1
+        else:  # pad as the conv does; cropping k - 1 = 2 outputs at each end then leaves the conv's valid outputs
+            x, time_crop = pad_frames(x, 1, 1) if self.time_padding == "replicate" else pad_frames(x, 2), 2
+        space_crop = 1
+        if self.space_padding == "replicate":  # the nearest 2x of a replicate-padded x is the replicate-padded 2x
+            x, space_crop = F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate"), 3
+        return F.conv_transpose3d(x, kernel, self.bias, stride=(1, 2, 2), padding=(time_crop, space_crop, space_crop))
+
+    def _transposed_kernel(self) -> torch.Tensor:
+        """[in, out, 3, 4, 4] in the weight's dtype and layout, time flipped (a transposed conv's taps run backwards).
+
+        Summed in float32 (float64 for float64 weights) and rounded once, so a bf16 kernel holds the bf16 weights'
+        sums correctly rounded; a few output channels at a time, so that the float32 temporaries stay a few MiB
+        (the widest upsampler's whole float32 kernel would be 100 MiB)."""
+        w = self.weight
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        taps = torch.tensor(_NEAREST_2X_TAPS, dtype=dtype, device=w.device)
+        fmt = torch.channels_last_3d if is_channels_last(w) else torch.contiguous_format
+        kernel = torch.empty(w.shape[1], w.shape[0], 3, 4, 4, dtype=w.dtype, device=w.device, memory_format=fmt)
+        step = max(1, _KERNEL_STEP_ELEMENTS // w[0].numel())
+        for o in range(0, w.shape[0], step):
+            part = torch.einsum("ph,oithw,qw->iotpq", taps, w[o : o + step].to(dtype), taps)
+            kernel[:, o : o + step] = part.flip(2)
+        return kernel
+
+
 class Upsample(nn.Module):
     """Nearest 2x in space, then a 3D conv; with `time`, the conv emits two frames per input frame.
 
@@ -207,10 +272,10 @@ class Upsample(nn.Module):
         super().__init__()
         self.time = time
         out = channels * (2 if time else 1)
-        self.conv = Conv3d(channels, out, 3, time_padding="replicate", space_padding=space_padding)
+        self.conv = Nearest2xConv3d(channels, out, time_padding="replicate", space_padding=space_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        y = self.conv(x)  # = the conv of x upsampled 2x in space (nearest), without the upsampled x
         if not self.time:
             return y
         # Interleave into a new contiguous tensor: a rearranged copy sliced [:, :, 1:] would keep a
