@@ -51,20 +51,20 @@ OFFICIAL: Path | None = None  # the checkout given with --official
 
 def _official_class():
     """`CVVAEModel` of the official checkout. Its default config calls xformers' memory_efficient_attention, which
-    has no CPU kernels: where xformers is not installed, a stand-in module computes the same single-head attention
-    on [B, M, K] (softmax(q k^T / sqrt(K)) v) with torch's scaled_dot_product_attention. diffusers is imported
-    first: it probes for xformers and would find the stand-in."""
-    import importlib.util
+    has no CPU kernels, and this benchmark runs on the CPU: a stand-in module (installed even where xformers is)
+    computes the same single-head attention on [B, M, K] (softmax(q k^T / sqrt(K)) v) with torch's
+    scaled_dot_product_attention. diffusers is imported first: it probes for xformers and would find the stand-in."""
     import types
 
     import diffusers.models.modeling_utils  # noqa: F401 - see above
 
-    if importlib.util.find_spec("xformers") is None and "xformers" not in sys.modules:
+    if not getattr(sys.modules.get("xformers.ops"), "stand_in", False):
         def attention(q, k, v, attn_bias=None, op=None):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
 
         ops = types.ModuleType("xformers.ops")
         ops.memory_efficient_attention = attention
+        ops.stand_in = True
         xformers = types.ModuleType("xformers")
         xformers.ops = ops
         sys.modules.update({"xformers": xformers, "xformers.ops": ops})
@@ -263,8 +263,8 @@ def main() -> None:
     for _ in range(args.reps):
         for case in cases:
             r = child("run", *case, str(T), str(H), str(W))
-            if "error" in r or case not in best or r["seconds"] < best[case]["seconds"]:
-                best[case] = r
+            if case not in best or "error" in best[case] or ("error" not in r and r["seconds"] < best[case]["seconds"]):
+                best[case] = r  # a failed run counts only while the case has no successful one
     refs = [c for c in (("official", "fp32"), ("cvvae", "fp32")) if c in best and "error" not in best[c]]
     print("| model | dtype | TFLOP | seconds | " + "".join(f"vs {m} fp32 | " for m, _ in refs) +
           "GFLOP/s | of conv3d ceiling | peak RSS MiB | PSNR vs fp32 |")

@@ -197,18 +197,24 @@ class Downsample(nn.Module):
         return self.conv(pad_frames(x, 2))
 
 
-# Nearest 2x then a 3-tap conv, along one axis: output 2i sees inputs i-1, i, i through taps w0, w1, w2, and output
-# 2i+1 sees i, i, i+1. As a stride-2 transposed conv of the input (output n gets input m through tap n - 2m + 1),
-# its 4 taps are (w2, w1+w2, w0+w1, w0): row j says which conv taps transposed tap j sums.
-_NEAREST_2X_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 _KERNEL_STEP_ELEMENTS = 2**19  # weight elements summed per step when making a transposed kernel (2 MiB in float32)
+
+
+def _nearest_2x_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 4 taps of a stride-2 transposed conv equal to nearest 2x then the 3 taps (w0, w1, w2) along `dim`.
+
+    Output 2i of the conv sees inputs i-1, i, i through w0, w1, w2, and output 2i+1 sees i, i, i+1; as a transposed
+    conv (output n gets input m through tap n - 2m + 1) that is (w2, w1+w2, w0+w1, w0). Plain additions, so the
+    sums are exact whatever the matmul precision settings (an einsum would be a matmul, TF32 on some GPUs)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
 class Nearest2xConv3d(Conv3d):
     """A k=3 `Conv3d` applied to its input upsampled 2x in space (nearest), without making the upsampled input.
 
     The conv on the upsampled input is, in exact arithmetic, a transposed conv of the input itself, stride 2 in
-    space, whose 3x4x4 kernel sums the conv's taps (`_NEAREST_2X_TAPS`): 48 multiply-adds per input pixel and
+    space, whose 3x4x4 kernel sums the conv's taps (`_nearest_2x_taps`): 48 multiply-adds per input pixel and
     channel pair instead of 4 x 27 = 108, and no input 4x the size of x. The values are those of the conv up to
     floating-point rounding (tests/test_model.py); the weight and its state-dict key stay the conv's. The decoder's
     upsamplers are 30% of the SD2.1-size model's FLOPs: this makes them 1.6-2.0x faster (docs/benchmarks.md).
@@ -223,17 +229,20 @@ class Nearest2xConv3d(Conv3d):
         super().__init__(in_channels, out_channels, 3, time_padding=time_padding, space_padding=space_padding)
 
     def runs_transposed(self, x: torch.Tensor) -> bool:
-        """Whether x goes through the transposed conv: when its kernel (in x out x 48 taps, 16 for one frame) is
-        smaller than the upsampled x it replaces (in x 4 x positions of x)."""
-        taps = 16 if x.shape[2] == 1 and self.single_frame_shortcut else 48
-        return self.out_channels * taps < 4 * x[:, 0].numel()
+        """Whether x goes through the transposed conv: when its kernel (in x out x 48 taps, 16 for one frame, in the
+        weight's dtype) holds fewer bytes than the upsampled x it replaces (in x 4 x positions of x, in x's)."""
+        taps = 16 if self._one_frame(x) else 48
+        return self.out_channels * taps * self.weight.element_size() < 4 * x[:, 0].numel() * x.element_size()
+
+    def _one_frame(self, x: torch.Tensor) -> bool:
+        return x.shape[2] == 1 and self.single_frame_shortcut  # a 2D kernel, as in Conv3d._single_frame
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runs_transposed(x):
             return super().forward(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
-        kernel = self._transposed_kernel()
-        if x.shape[2] == 1 and self.single_frame_shortcut:  # one frame: a 2D kernel, as in Conv3d._single_frame
-            kernel, time_crop = kernel[:, :, 1:2] if self.time_padding == "zeros" else kernel.sum(2, keepdim=True), 0
+        kernel = self._transposed_kernel(one_frame=self._one_frame(x))
+        if self._one_frame(x):
+            time_crop = 0
         elif self.time_padding == "zeros":
             time_crop = 1  # cropping 1 output at each end of the transposed conv = zero padding 1
         else:  # pad as the conv does; cropping k - 1 = 2 outputs at each end then leaves the conv's valid outputs
@@ -243,21 +252,26 @@ class Nearest2xConv3d(Conv3d):
             x, space_crop = F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate"), 3
         return F.conv_transpose3d(x, kernel, self.bias, stride=(1, 2, 2), padding=(time_crop, space_crop, space_crop))
 
-    def _transposed_kernel(self) -> torch.Tensor:
-        """[in, out, 3, 4, 4] in the weight's dtype and layout, time flipped (a transposed conv's taps run backwards).
+    def _transposed_kernel(self, one_frame: bool) -> torch.Tensor:
+        """[in, out, 3 (1 for one frame), 4, 4] in the weight's dtype and layout, time flipped (a transposed conv's
+        taps run backwards).
 
         Summed in float32 (float64 for float64 weights) and rounded once, so a bf16 kernel holds the bf16 weights'
         sums correctly rounded; a few output channels at a time, so that the float32 temporaries stay a few MiB
-        (the widest upsampler's whole float32 kernel would be 100 MiB)."""
+        (the widest upsampler's whole float32 kernel would be 100 MiB). For one frame the time taps are summed
+        first (zero padding: the centre tap), as `Conv3d._single_frame` does."""
         w = self.weight
         dtype = torch.promote_types(w.dtype, torch.float32)
-        taps = torch.tensor(_NEAREST_2X_TAPS, dtype=dtype, device=w.device)
         fmt = torch.channels_last_3d if is_channels_last(w) else torch.contiguous_format
-        kernel = torch.empty(w.shape[1], w.shape[0], 3, 4, 4, dtype=w.dtype, device=w.device, memory_format=fmt)
+        frames = 1 if one_frame else 3
+        kernel = torch.empty(w.shape[1], w.shape[0], frames, 4, 4, dtype=w.dtype, device=w.device, memory_format=fmt)
         step = max(1, _KERNEL_STEP_ELEMENTS // w[0].numel())
         for o in range(0, w.shape[0], step):
-            part = torch.einsum("ph,oithw,qw->iotpq", taps, w[o : o + step].to(dtype), taps)
-            kernel[:, o : o + step] = part.flip(2)
+            part = w[o : o + step].to(dtype)
+            if one_frame:
+                part = part[:, :, 1:2] if self.time_padding == "zeros" else part.sum(2, keepdim=True)
+            part = _nearest_2x_taps(_nearest_2x_taps(part, 3), 4)
+            kernel[:, o : o + step] = part.flip(2).transpose(0, 1)
         return kernel
 
 
