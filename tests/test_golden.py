@@ -9,8 +9,9 @@ from cvvae import CVVAE
 from .conftest import rel_err
 
 VARIANTS = ["sd21", "sd3"]
-# Relative L2 error allowed against the official float32 outputs: float32 rounding. Measured 0.8e-6 to 3.2e-6 over
-# every output here (AVX512 CPU, 2026-12-07); a mis-mapped weight or a changed operation shows as 1e-3 and up.
+# Relative L2 error allowed against the official float32 outputs: float32 rounding. Measured 0.75e-6 to 3.1e-6 over
+# every output here (benchmarks/parity_errors.py, AVX512 CPU, 2026-12-07); a mis-mapped weight or a changed
+# operation shows as 1e-3 and up.
 FP32_ROUNDING = 2e-5
 
 

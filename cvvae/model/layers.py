@@ -104,29 +104,32 @@ class Conv3d(nn.Conv3d):
     single_frame_shortcut = True  # class-wide switch of the 1-frame path (benchmarks/bench_image_mode.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_frame(x):
+            return F.conv3d(self.pad(x), self.one_frame_taps(self.weight), self.bias, padding=(0, *self.padding[1:]))
+        return super().forward(self.pad(x))
+
+    def one_frame(self, x: torch.Tensor) -> bool:
+        """Whether x runs as a 2D conv: one frame, a k > 1 kernel, and the shortcut on. With one frame, causal and
+        replicate padding show every time tap the same frame and zero padding shows only the centre tap anything:
+        the 3D conv is a 2D conv with the taps summed (or the centre tap), the same result for a third of the work
+        (images, 1-latent clips)."""
+        return bool(self.p) and x.shape[2] == 1 and self.single_frame_shortcut
+
+    def one_frame_taps(self, weight: torch.Tensor) -> torch.Tensor:
+        """The time taps of `weight` (or a slice of it along its outputs) as one frame sees them (`one_frame`)."""
+        return weight[:, :, self.p : self.p + 1] if self.time_padding == "zeros" else weight.sum(2, keepdim=True)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the padding the kernel does not do itself: replicate in space, causal or replicate in time (none
+        in time for `one_frame`)."""
         p = self.p
-        if p and x.shape[2] == 1 and self.single_frame_shortcut:
-            return self._single_frame(x)
         if p and self.space_padding == "replicate":
             x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
-        if p and self.time_padding == "causal":
+        if p and not self.one_frame(x) and self.time_padding == "causal":
             x = pad_frames(x, 2 * p)
-        elif p and self.time_padding == "replicate":
+        elif p and not self.one_frame(x) and self.time_padding == "replicate":
             x = pad_frames(x, p, p)
-        return super().forward(x)
-
-    def _single_frame(self, x: torch.Tensor) -> torch.Tensor:
-        # With one frame, causal and replicate padding show every time tap the same frame and zero
-        # padding shows only the centre tap anything: the 3D conv is a 2D conv with the taps summed
-        # (or the centre tap), the same result for a third of the work (images, 1-latent clips).
-        p = self.p
-        if self.time_padding == "zeros":
-            weight = self.weight[:, :, p : p + 1]
-        else:
-            weight = self.weight.sum(2, keepdim=True)
-        if self.space_padding == "replicate":
-            x = F.pad(x, (p, p, p, p, 0, 0), mode="replicate")
-        return F.conv3d(x, weight, self.bias, padding=(0, *self.padding[1:]))
+        return x
 
 
 class FrameConv2d(nn.Conv2d):
@@ -231,26 +234,21 @@ class Nearest2xConv3d(Conv3d):
     def runs_transposed(self, x: torch.Tensor) -> bool:
         """Whether x goes through the transposed conv: when its kernel (in x out x 48 taps, 16 for one frame, in the
         weight's dtype) holds fewer bytes than the upsampled x it replaces (in x 4 x positions of x, in x's)."""
-        taps = 16 if self._one_frame(x) else 48
+        taps = 16 if self.one_frame(x) else 48
         return self.out_channels * taps * self.weight.element_size() < 4 * x[:, 0].numel() * x.element_size()
-
-    def _one_frame(self, x: torch.Tensor) -> bool:
-        return x.shape[2] == 1 and self.single_frame_shortcut  # a 2D kernel, as in Conv3d._single_frame
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runs_transposed(x):
             return super().forward(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
-        kernel = self._transposed_kernel(one_frame=self._one_frame(x))
-        if self._one_frame(x):
-            time_crop = 0
-        elif self.time_padding == "zeros":
-            time_crop = 1  # cropping 1 output at each end of the transposed conv = zero padding 1
-        else:  # pad as the conv does; cropping k - 1 = 2 outputs at each end then leaves the conv's valid outputs
-            x, time_crop = pad_frames(x, 1, 1) if self.time_padding == "replicate" else pad_frames(x, 2), 2
-        space_crop = 1
-        if self.space_padding == "replicate":  # the nearest 2x of a replicate-padded x is the replicate-padded 2x
-            x, space_crop = F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate"), 3
-        return F.conv_transpose3d(x, kernel, self.bias, stride=(1, 2, 2), padding=(time_crop, space_crop, space_crop))
+        one_frame = self.one_frame(x)
+        kernel = self._transposed_kernel(one_frame)
+        # x padded as the conv pads (the nearest 2x of a padded x is the padded 2x); a transposed conv's padding p
+        # crops p outputs at each end: k - 1 = 2 leaves the valid outputs of a padded frame axis, 1 those of a
+        # zero-padded one (the kernel's own zeros), 3 those of a space axis replicate-padded by one input pixel
+        time_crop = 0 if one_frame else 1 if self.time_padding == "zeros" else 2
+        space_crop = 3 if self.space_padding == "replicate" else 1
+        return F.conv_transpose3d(self.pad(x), kernel, self.bias, stride=(1, 2, 2),
+                                  padding=(time_crop, space_crop, space_crop))
 
     def _transposed_kernel(self, one_frame: bool) -> torch.Tensor:
         """[in, out, 3 (1 for one frame), 4, 4] in the weight's dtype and layout, time flipped (a transposed conv's
@@ -258,8 +256,8 @@ class Nearest2xConv3d(Conv3d):
 
         Summed in float32 (float64 for float64 weights) and rounded once, so a bf16 kernel holds the bf16 weights'
         sums correctly rounded; a few output channels at a time, so that the float32 temporaries stay a few MiB
-        (the widest upsampler's whole float32 kernel would be 100 MiB). For one frame the time taps are summed
-        first (zero padding: the centre tap), as `Conv3d._single_frame` does."""
+        (the widest upsampler's whole float32 kernel would be 100 MiB). For one frame the time taps are those of
+        `Conv3d.one_frame_taps`."""
         w = self.weight
         dtype = torch.promote_types(w.dtype, torch.float32)
         fmt = torch.channels_last_3d if is_channels_last(w) else torch.contiguous_format
@@ -269,7 +267,7 @@ class Nearest2xConv3d(Conv3d):
         for o in range(0, w.shape[0], step):
             part = w[o : o + step].to(dtype)
             if one_frame:
-                part = part[:, :, 1:2] if self.time_padding == "zeros" else part.sum(2, keepdim=True)
+                part = self.one_frame_taps(part)
             part = _nearest_2x_taps(_nearest_2x_taps(part, 3), 4)
             kernel[:, o : o + step] = part.flip(2).transpose(0, 1)
         return kernel
